@@ -56,8 +56,9 @@ def make_mesh(
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; accepted: {MESH_AXES}")
     devices = list(jax.devices() if devices is None else devices)
     shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    named = dict(zip(MESH_AXES, shape, strict=True))
     if shape.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+        raise ValueError(f"at most one mesh axis may be -1, got {named}")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
         if len(devices) % known:
@@ -65,7 +66,7 @@ def make_mesh(
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+            f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} devices, "
             f"{len(devices)} available"
         )
     return Mesh(

@@ -31,19 +31,47 @@ def param_init(
     return nn.with_logical_partitioning(init or nn.initializers.normal(std), names)
 
 
-def dense(features, names, config: BertConfig, axis=-1, name=None, bias_names=None):
-    """A (possibly multi-axis) Dense whose kernel/bias carry logical axis names."""
+class Dense(nn.Module):
+    """Dense over the last `contract` input dims into `features` (int or tuple) output dims.
+
+    Unlike `nn.DenseGeneral`, the kernel is created in its true shape ([*in, *out]), so its
+    logical names (e.g. ('embed', 'heads', 'kv')) apply when parameters are born sharded;
+    DenseGeneral creates a flat kernel first, which the mesh cannot constrain.
+    """
+
+    features: int | tuple[int, ...]
+    names: tuple[str | None, ...]
+    bias_names: tuple[str | None, ...]
+    config: BertConfig
+    contract: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        feats = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        kernel = self.param(
+            "kernel", param_init(self.names, std=c.initializer_range),
+            (*x.shape[x.ndim - self.contract:], *feats), jnp.dtype(c.param_dtype),
+        )
+        bias = self.param(
+            "bias", param_init(self.bias_names, nn.initializers.zeros), feats,
+            jnp.dtype(c.param_dtype),
+        )
+        dtype = jnp.dtype(c.dtype)
+        y = jnp.tensordot(
+            x.astype(dtype), kernel.astype(dtype),
+            axes=(tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))),
+        )
+        return y + bias.astype(dtype)
+
+
+def dense(features, names, config: BertConfig, axis=-1, name=None, bias_names=None) -> Dense:
+    """A Dense whose kernel/bias carry logical axis names; `axis=(-2, -1)` contracts two dims."""
+    n_out = 1 if isinstance(features, int) else len(features)
     if bias_names is None:
-        bias_names = names[-1:] if isinstance(features, int) else names[-len(features):]
-    return nn.DenseGeneral(
-        features=features,
-        axis=axis,
-        dtype=jnp.dtype(config.dtype),
-        param_dtype=jnp.dtype(config.param_dtype),
-        kernel_init=param_init(names, std=config.initializer_range),
-        bias_init=param_init(bias_names, nn.initializers.zeros),
-        name=name,
-    )
+        bias_names = tuple(names[-n_out:])
+    contract = 1 if isinstance(axis, int) else len(axis)
+    return Dense(features, tuple(names), bias_names, config, contract=contract, name=name)
 
 
 def layer_norm(eps: float, config: BertConfig, names=("embed",), name=None) -> nn.LayerNorm:
