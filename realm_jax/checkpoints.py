@@ -37,10 +37,12 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 
 # Tensors a checkpoint may carry that no tower of ours uses: HF's position-id buffers, the
-# unused LM head inside RealmScorerProjection / RealmReader, BERT's NSP head, the tied decoder
-# (checked against the word embeddings separately) and OpenQA's block embedding buffer.
+# unused LM head inside RealmScorerProjection / RealmReader, the pooler of the encoder and
+# reader bodies (HF computes and discards it), BERT's NSP head, the tied decoder (checked
+# against the word embeddings separately) and OpenQA's block embedding buffer.
 IGNORED = re.compile(
     r"(^|\.)(position_ids|seq_relationship\.\w+|predictions\.decoder\.(weight|bias))$"
+    r"|(^|\.)realm\.pooler\."
     r"|^(embedder\.|reader\.)?cls\.predictions\.|^block_emb$"
 )
 
@@ -294,9 +296,11 @@ def _fill(
     return params
 
 
-def _check_tied_decoder(tensors: Mapping[str, np.ndarray], prefix: str, where: str) -> None:
-    dec = tensors.get(f"{prefix}cls.predictions.decoder.weight")
-    emb = tensors[f"{prefix}embeddings.word_embeddings.weight"]
+def _check_tied_decoder(
+    tensors: Mapping[str, np.ndarray], head_prefix: str, body_prefix: str, where: str
+) -> None:
+    dec = tensors.get(f"{head_prefix}cls.predictions.decoder.weight")
+    emb = tensors[f"{body_prefix}embeddings.word_embeddings.weight"]
     if dec is not None and not np.array_equal(dec, emb):
         raise ValueError(f"{where}: cls.predictions.decoder.weight is not tied to the word "
                          "embeddings; realm_jax's MLM head always ties them")
@@ -316,7 +320,7 @@ def params_from_hf(
                                f"{where} [{tower}]")
             used |= {hf for hf, _, _ in table}
             if tower == "encoder":
-                _check_tied_decoder(tensors, prefix + "realm.", where)
+                _check_tied_decoder(tensors, prefix, prefix + "realm.", where)
     elif fmt in ("hf_bert", "minilm"):
         prefix = "bert." if any(k.startswith("bert.") for k in keys) else ""
         pooler = f"{prefix}pooler.dense.weight" in keys
@@ -330,7 +334,7 @@ def params_from_hf(
                         if k[0] != "bert"}
             out["mlm_head"] = _fill(tensors, head, expected, f"{where} [mlm_head]")
             used |= {hf for hf, _, _ in head}
-            _check_tied_decoder(tensors, prefix, where)
+            _check_tied_decoder(tensors, "", prefix, where)
     else:
         raise ValueError(f"format {fmt!r} has no HF mapping; accepted: hf_realm, hf_bert, minilm")
     extra = sorted(k for k in keys - used if not IGNORED.search(k))

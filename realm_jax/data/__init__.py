@@ -1,0 +1,1 @@
+"""REALM's data: tokenisation, blocks, QA sets, masking, loaders."""

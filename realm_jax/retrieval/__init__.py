@@ -1,0 +1,1 @@
+"""Retrieval: exact sharded MIPS, ScaNN index, versioned index store, async refresher."""
