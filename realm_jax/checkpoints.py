@@ -460,7 +460,8 @@ def save_train_state(
     if unknown:
         raise ValueError(f"unknown tower(s) {sorted(unknown)}; accepted: {TOWERS}")
     items = {name: ocp.args.StandardSave(tree) for name, tree in params.items()}
-    items["opt_state"] = ocp.args.StandardSave(opt_state)
+    if jax.tree.leaves(opt_state):  # orbax refuses empty trees (e.g. a stateless optimiser)
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
     items["data"] = ocp.args.JsonSave(dict(data_state))
     items["meta"] = ocp.args.JsonSave({**meta, "step": int(step), "towers": sorted(params)})
     manager.save(step, args=ocp.args.Composite(**items))

@@ -160,6 +160,11 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, axes)
 
 
+def mesh_batch_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+    """How many ways the `batch` axis is split: global batches must be a multiple of it."""
+    return _mesh_axis_size(mesh, nn.logical_to_mesh_axes(("batch",), rules)[0])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

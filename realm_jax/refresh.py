@@ -1,0 +1,40 @@
+"""The asynchronous index refresher process (DESIGN §3, §4).
+
+    python -m realm_jax.refresh --config configs/X.py --workdir DIR [--once]
+
+Without --once it follows WORKDIR/checkpoints until killed (or until --timeout_s passes with no
+new checkpoint); with --once it builds the initial index if there is none, refreshes from the
+newest checkpoint if that is newer than the index, and exits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from realm_jax.retrieval.refresher import Refresher
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints/ and index/).")
+_ONCE = flags.DEFINE_bool("once", False, "Refresh once from the newest checkpoint and exit.")
+_TIMEOUT = flags.DEFINE_float("timeout_s", None, "Stop after this long without a checkpoint.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    if _MULTIHOST.value:
+        import jax
+
+        jax.distributed.initialize()
+    refresher = Refresher(_CONFIG.value, _WORKDIR.value)
+    published = refresher.run(once=_ONCE.value, timeout_s=_TIMEOUT.value)
+    logging.info("published index versions: %s", published)
+    print(f"published index versions: {published}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,229 @@
+"""The asynchronous index refresher: newest embedder checkpoint → block embeddings → index.
+
+REALM's index goes stale as the embedder trains; the paper re-embedded 13M blocks on 16 extra
+TPUs about every 500 steps while 64 TPUs trained. This process is that job (DESIGN §4):
+
+  1. cold start: before any checkpoint exists, embed the corpus with the initial (pretrained)
+     embedder — the same parameters training starts from (`initialize.initial_params`) — and
+     publish it as version 0, so training has an index at step 0;
+  2. for each new checkpoint (`checkpoints_iterator` over WORKDIR/checkpoints): restore only the
+     embedder (a partial orbax restore), embed every block in sharded jitted batches, build the
+     ScaNN index if the config asks for it, and publish through `retrieval.store`.
+
+A checkpoint that vanishes or is unreadable mid-restore is skipped (the next one supersedes it);
+a kill at any moment leaves `LATEST` naming a complete version, because `store.publish` only
+moves `LATEST` after the new version is fully on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from realm_jax import checkpoints, defaults, initialize, sharding
+from realm_jax.data.tokenizer import Encoded, WordPiece
+from realm_jax.models import Embedder
+from realm_jax.retrieval import store
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(config: ml_collections.ConfigDict) -> WordPiece:
+    vocab = config.data.vocab
+    path = checkpoints.minilm_path() / "vocab.txt" if vocab == "minilm" else epath.Path(vocab)
+    return WordPiece(path)
+
+
+def corpus_fingerprint(corpus: Sequence[dict]) -> str:
+    """The corpus's own fingerprint if it has one, else sha1 over the block uids in order."""
+    fp = getattr(corpus, "fingerprint", None)
+    if fp:
+        return str(fp)
+    h = hashlib.sha1()
+    for i in range(len(corpus)):
+        h.update(corpus[i]["uid"].encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def block_batches(
+    corpus: Sequence[dict], tokenizer: WordPiece, block_len: int, batch_size: int
+) -> Iterator[Encoded]:
+    """`[CLS] title [SEP] body [SEP]` batches of exactly `batch_size` rows (the last padded with
+    empty rows), so the jitted embedder compiles once."""
+    for start in range(0, len(corpus), batch_size):
+        rows = [corpus[i] for i in range(start, min(start + batch_size, len(corpus)))]
+        pad = batch_size - len(rows)
+        titles = [r["title"] for r in rows] + [""] * pad
+        bodies = [r["text"] for r in rows] + [""] * pad
+        yield tokenizer.encode(titles, block_len, pairs=bodies)
+
+
+class BlockEmbedder:
+    """Embeds blocks with the document tower, sharded over the mesh's batch axes."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh, tokenizer: WordPiece):
+        self.config = config
+        self.mesh = mesh
+        self.rules = tuple(config.rules)
+        self.tokenizer = tokenizer
+        self.module = Embedder(defaults.model_config(config))
+        self.batch_size = int(config.refresh.batch_size)
+        batch_shards = sharding.mesh_batch_size(mesh, self.rules)
+        if self.batch_size % batch_shards:
+            raise ValueError(f"refresh.batch_size={self.batch_size} is not a multiple of the "
+                             f"{batch_shards} devices the batch is split over")
+        self._in = sharding.batch_sharding(mesh, 2, self.rules)
+        self._embed = sharding.jit_sharded(
+            lambda p, ids, mask, types: self.module.apply({"params": p}, ids, mask, types),
+            mesh, self.rules, out_shardings=sharding.replicated(mesh),
+        )
+
+    def __call__(self, params: Any, corpus: Sequence[dict], progress: bool = True) -> np.ndarray:
+        """All blocks → float32 [N, d], in corpus order."""
+        from tqdm import tqdm
+
+        n = len(corpus)
+        out: list[np.ndarray] = []
+        t0 = time.time()
+        batches = block_batches(corpus, self.tokenizer, self.config.data.block_len,
+                                self.batch_size)
+        bar = tqdm(batches, total=-(-n // self.batch_size), unit="batch", disable=not progress,
+                   desc="embedding blocks")
+        for enc in bar:
+            arrays = [jax.device_put(a, self._in) for a in
+                      (enc.input_ids, enc.attention_mask, enc.token_type_ids)]
+            out.append(np.asarray(self._embed(params, *arrays)))
+        embeddings = np.concatenate(out)[:n].astype(np.float32)
+        dt = time.time() - t0
+        log.info("embedded %d blocks in %.1fs (%.1f docs/s)", n, dt, n / max(dt, 1e-9))
+        return embeddings
+
+
+def _scann_config(config: ml_collections.ConfigDict):
+    from realm_jax.retrieval.scann_index import ScannConfig
+
+    s = config.retrieval.scann
+    return ScannConfig(
+        num_leaves=s.num_leaves or None, num_leaves_to_search=s.num_leaves_to_search or None,
+        reorder_k=s.reorder_k,
+    )
+
+
+def publish_index(
+    config: ml_collections.ConfigDict,
+    workdir: epath.PathLike,
+    step: int,
+    embeddings: np.ndarray,
+    corpus_fp: str,
+) -> epath.Path:
+    """Build the configured index over `embeddings` and publish it as version `step`."""
+    write_extra = None
+    if config.retrieval.engine == "scann":
+        from realm_jax.retrieval.scann_index import ScannIndex
+
+        index = ScannIndex.build(embeddings, _scann_config(config))
+        write_extra = lambda d: index.save(d / "scann")  # noqa: E731
+    elif config.retrieval.engine != "exact":
+        raise ValueError(f"retrieval.engine={config.retrieval.engine!r}; accepted: exact, scann")
+    meta = {
+        "checkpoint_step": int(step),
+        "corpus_fingerprint": corpus_fp,
+        "engine": config.retrieval.engine,
+        "model": json.dumps(config.model.to_dict(), sort_keys=True),
+    }
+    t0 = time.time()
+    path = store.publish(workdir, step, embeddings, meta, keep=config.refresh.keep,
+                         write_extra=write_extra)
+    log.info("published %s in %.1fs", path, time.time() - t0)
+    return path
+
+
+class Refresher:
+    """Keeps WORKDIR/index up to date with WORKDIR/checkpoints. See the module docstring."""
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, workdir: epath.PathLike,
+        corpus: Sequence[dict] | None = None, progress: bool = True,
+    ):
+        self.config = config
+        self.workdir = epath.Path(workdir)
+        self.mesh = sharding.make_mesh(dict(config.mesh))
+        if corpus is None:
+            from realm_jax.data.blocks import BlockCorpus
+
+            corpus = BlockCorpus.load(config.data.corpus)
+        self.corpus = corpus
+        self.corpus_fp = corpus_fingerprint(corpus)
+        self.embedder = BlockEmbedder(config, self.mesh, load_tokenizer(config))
+        self.progress = progress
+        self.published: list[int] = []
+
+    def _refresh(self, step: int, params: Any) -> None:
+        embeddings = self.embedder(params, self.corpus, progress=self.progress)
+        publish_index(self.config, self.workdir, step, embeddings, self.corpus_fp)
+        self.published.append(step)
+
+    def cold_start(self) -> bool:
+        """Publish version 0 from the initial embedder if no index exists yet."""
+        if store.latest_step(self.workdir) is not None:
+            return False
+        params, _ = initialize.initial_params(self.config, ["embedder"], self.mesh)
+        self._refresh(0, params["embedder"])
+        return True
+
+    def refresh_step(self, step: int) -> bool:
+        """Re-embed with checkpoint `step`'s embedder; False (logged) if it cannot be read."""
+        latest = store.latest_step(self.workdir)
+        if latest is not None and step <= latest:
+            return False
+        manager = checkpoints.checkpoint_manager(self.workdir, read_only=True)
+        abstract = initialize.abstract_towers(
+            defaults.model_config(self.config), ["embedder"], self.mesh, tuple(self.config.rules))
+        try:
+            params = checkpoints.restore_items(manager, step, abstract)["embedder"]
+        except Exception as e:  # noqa: BLE001  deleted / half-written: the next one supersedes
+            log.warning("skipping checkpoint %d: %s: %s", step, type(e).__name__, e)
+            return False
+        finally:
+            manager.close()
+        self._refresh(step, params)
+        return True
+
+    def newest_checkpoint(self) -> int | None:
+        manager = checkpoints.checkpoint_manager(self.workdir, read_only=True)
+        try:
+            return manager.latest_step()
+        finally:
+            manager.close()
+
+    def run(self, once: bool = False, timeout_s: float | None = None) -> list[int]:
+        """Cold start if needed, then follow checkpoints (`once`: only the newest, then return).
+
+        Returns the steps published by this call.
+        """
+        from orbax.checkpoint import checkpoint_utils
+
+        self.cold_start()
+        if once:
+            step = self.newest_checkpoint()
+            if step is not None:
+                self.refresh_step(step)
+            return list(self.published)
+        ckpt_dir = checkpoints.checkpoint_dir(self.workdir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for step in checkpoint_utils.checkpoints_iterator(
+            ckpt_dir, timeout=timeout_s, seconds_to_sleep=1
+        ):
+            newest = self.newest_checkpoint()  # skip intermediate steps we have fallen behind on
+            self.refresh_step(newest if newest is not None and newest > step else step)
+        return list(self.published)
