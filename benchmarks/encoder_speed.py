@@ -28,10 +28,19 @@ hold identical weights. Threads: torch gets `torch.set_num_threads(N)`; XLA has 
 flag, it sizes its pool from the CPUs the process may run on, so for N below the available CPU
 count the process is pinned to N CPUs (`os.sched_setaffinity`), which binds both libraries.
 
+Memory: by default (`--malloc retain`) the script re-execs itself with glibc malloc tunables
+that keep freed memory mapped (see `set_malloc`), for both libraries alike; otherwise both
+pay one page fault per 4 KiB of every large activation on every step, which on a small VM is
+a large and noisy share of the time. `--malloc default` measures the stock allocator. Page
+faults per step are recorded in the JSON.
+
 Timing: JAX programs are compiled ahead (`jit(...).lower(...).compile()`, reported separately
 as compile seconds), then `--warmup` untimed and `--repeats` timed iterations per side,
-interleaved (ours, reference, ours, ...) so background load hits both alike; JAX results are
-`block_until_ready`. Median and min seconds per step are reported, throughput from the median.
+interleaved (ours, reference, ours, ...); JAX results are `block_until_ready`. Median and min
+seconds per step are reported, throughput from the median. Run on an otherwise idle machine:
+the script measures the CPU used by other processes before and after (JSON
+`cpu_busy_elsewhere_*`) and warns; torch's OpenMP barriers slow down far more than XLA's thread
+pool when cores are shared, so a busy machine flatters our side.
 
 Goal: ours/reference throughput >= 1.3x on both benchmarks (the "gathered" training variant).
 
@@ -46,8 +55,10 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -68,6 +79,16 @@ SIZES: dict[str, dict[str, Any]] = {
         vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=128, retriever_proj_size=32,
     ),
+}
+# glibc malloc settings (GLIBC_TUNABLES) for the whole process, so for both libraries alike.
+# "retain": never mmap, never give memory back, one arena: after the warmup every activation
+# buffer reuses memory that is already mapped, so steps measure compute, not page faults.
+# "default": glibc as configured by the caller (large blocks are mmapped fresh on every
+# allocation: one page fault per 4 KiB first touched).
+MALLOC_MODES = {
+    "retain": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:"
+              "glibc.malloc.arena_max=1",
+    "default": "",
 }
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results", "encoder_speed.json")
@@ -90,6 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-full-logits", action="store_true",
                    help="skip our full-logits training variant")
+    p.add_argument("--malloc", choices=sorted(MALLOC_MODES), default="retain",
+                   help="glibc malloc settings for the process (both libraries); 'retain' "
+                        "re-execs with GLIBC_TUNABLES=" + MALLOC_MODES["retain"])
+    p.add_argument("--only", choices=("embedder", "train_step"), default=None,
+                   help="run one benchmark only")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
     args = p.parse_args(argv)
     if args.masked > args.seq_len // 2 - 1:
@@ -108,6 +134,48 @@ def pin_threads(n: int) -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
+def set_malloc(mode: str) -> None:
+    """Re-exec this script with the glibc malloc tunables of `mode` (see MALLOC_MODES).
+
+    XLA and torch both allocate every large activation with malloc. By default glibc mmaps
+    blocks above its mmap threshold (at most 32 MiB) fresh each time and unmaps them on free,
+    so each step pays one page fault per 4 KiB it touches (a [32, 12, 288, 288] float32
+    attention tensor: 31k faults); on a small VM that kernel time can be half of a step and
+    varies a lot. glibc reads its tunables at start-up only, hence the re-exec.
+    """
+    want = MALLOC_MODES[mode]
+    have = os.environ.get("GLIBC_TUNABLES", "")
+    if want and not set(want.split(":")) <= set(have.split(":")):
+        env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [have, want])))
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def cpu_busy_elsewhere(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over `seconds` while this process sleeps (other load)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + v[4]  # idle + iowait
+        return sum(v) - idle, sum(v)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except OSError:
+        return float("nan")
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -119,18 +187,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def make_inputs(
-    rng: np.random.Generator, n: int, length: int, vocab: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random ids, trailing padding (length >= half), segment ids 1 after a random split."""
-    ids = rng.integers(3, vocab, size=(n, length)).astype(np.int64)
-    lengths = rng.integers(length // 2, length + 1, size=n)
-    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int64)
-    split = rng.integers(2, length // 2, size=n)
-    types = ((np.arange(length)[None] >= split[:, None]) & (mask == 1)).astype(np.int64)
-    return ids * mask, mask, types
-
-
 # --------------------------------------------------------------------------- timing
 
 
@@ -139,6 +195,7 @@ class Timed:
     name: str
     fn: Callable[[], Any]  # one step, returns only after the work is done
     times: list[float] = dataclasses.field(default_factory=list)
+    page_faults: list[int] = dataclasses.field(default_factory=list)  # minor faults per step
     compile_s: float | None = None
 
     def summary(self, items_per_step: dict[str, int]) -> dict[str, Any]:
@@ -148,6 +205,7 @@ class Timed:
             "median_s": med,
             "min_s": min(self.times),
             "compile_s": self.compile_s,
+            "page_faults_per_step": statistics.median(self.page_faults),
         }
         for unit, n in items_per_step.items():
             out[f"{unit}_per_s"] = n / med
@@ -160,9 +218,11 @@ def run_interleaved(runs: list[Timed], warmup: int, repeats: int) -> None:
             r.fn()
     for _ in range(repeats):
         for r in runs:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             r.fn()
             r.times.append(time.perf_counter() - t0)
+            r.page_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
 
 def compile_jax(fn: Callable, *args: Any) -> tuple[Callable, float]:
@@ -190,7 +250,8 @@ def bench_embedder(args: argparse.Namespace, hf_config: Any, tmp: str) -> dict[s
     params = jax.device_put(params["embedder"])
 
     rng = np.random.default_rng(args.seed)
-    ids, mask, types = make_inputs(rng, args.embed_batch, args.block_len, hf_config.vocab_size)
+    ids, mask, types = ref.random_inputs(rng, args.embed_batch, args.block_len,
+                                         hf_config.vocab_size)
     t_ids, t_mask, t_types = (ref.torch_tensor(x) for x in (ids, mask, types))
     j_ids, j_mask, j_types = (jax.device_put(x.astype(np.int32)) for x in (ids, mask, types))
 
@@ -249,11 +310,15 @@ def bench_train_step(args: argparse.Namespace, hf_config: Any, tmp: str) -> dict
     model = ref.build("RealmKnowledgeAugEncoder", hf_config, seed=args.seed + 1)
     d = os.path.join(tmp, "encoder")
     ref.save(model, d)
-    cfg, params = checkpoints.load_pretrained(d)
+    logging.disable(logging.WARNING)  # HF's encoder carries an unused pooler; that is expected
+    try:
+        cfg, params = checkpoints.load_pretrained(d)
+    finally:
+        logging.disable(logging.NOTSET)
     params = jax.device_put(params["encoder"])
 
     rng = np.random.default_rng(args.seed + 1)
-    ids, mask, types = make_inputs(rng, b * k, length, v)
+    ids, mask, types = ref.random_inputs(rng, b * k, length, v)
     relevance = rng.normal(size=(b, k)).astype(np.float32)
     # Masked positions inside the first half (every sequence is at least that long).
     positions = np.sort(np.stack(
@@ -343,17 +408,21 @@ def _train_cell(s: dict[str, Any]) -> str:
 
 def table(results: dict[str, Any]) -> str:
     rows = [("benchmark", "ours", "reference", "ratio ours/ref", "max abs diff")]
-    e = results["embedder"]
-    rows.append((
-        f"embedder fwd, {e['shape']['batch']}x{e['shape']['length']} tok",
-        _cell(e["ours"], "documents", "docs/s"), _cell(e["reference"], "documents", "docs/s"),
-        f"{e['ratio']:.2f}x", f"{e['max_abs_diff']:.1e}",
-    ))
-    t = results["train_step"]
-    sh = t["shape"]
+    compiles = []
+    if "embedder" in results:
+        e = results["embedder"]
+        rows.append((
+            f"embedder fwd, {e['shape']['batch']}x{e['shape']['length']} tok",
+            _cell(e["ours"], "documents", "docs/s"), _cell(e["reference"], "documents", "docs/s"),
+            f"{e['ratio']:.2f}x", f"{e['max_abs_diff']:.1e}",
+        ))
+        compiles.append(f"embedder {e['ours']['compile_s']:.1f} s")
+    t = results.get("train_step", {})
+    sh = t.get("shape", {})
     for name, label in (("gathered", "mlm_positions"), ("full_logits", "full logits")):
         if f"ours_{name}" not in t:
             continue
+        compiles.append(f"train/{name} {t[f'ours_{name}']['compile_s']:.1f} s")
         rows.append((
             f"train step {sh['queries']}x{sh['candidates']}x{sh['length']}, {label}",
             _train_cell(t[f"ours_{name}"]), _train_cell(t["reference"]),
@@ -362,16 +431,14 @@ def table(results: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     fmt = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
     lines = [fmt(rows[0]), "-+-".join("-" * w for w in widths), *map(fmt, rows[1:])]
-    compiles = [f"embedder {e['ours']['compile_s']:.1f} s"] + [
-        f"train/{n} {t[f'ours_{n}']['compile_s']:.1f} s"
-        for n in ("gathered", "full_logits") if f"ours_{n}" in t
-    ]
     lines.append("JAX compile (excluded from timings): " + ", ".join(compiles))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if argv is None:  # re-exec only when run as a script (argv comes from sys.argv)
+        set_malloc(args.malloc)
     cpus = pin_threads(args.threads)
     if REPO_ROOT not in sys.path:  # `python benchmarks/encoder_speed.py` from a checkout
         sys.path.insert(0, REPO_ROOT)
@@ -396,33 +463,37 @@ def main(argv: list[str] | None = None) -> None:
         "python": sys.version.split()[0],
         "jax_devices": [str(dv) for dv in jax.devices()],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "transparent_hugepage": thp_mode(),
         "dtype": "float32",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cpu_busy_elsewhere_before": cpu_busy_elsewhere(),
     }
     print(f"size={args.size} threads={args.threads} (torch {torch.get_num_threads()}, XLA "
           f"pinned to CPUs {cpus}) cpu={env['cpu_model']!r}")
+    print(f"GLIBC_TUNABLES={env['glibc_tunables']!r}, transparent_hugepage: "
+          f"{env['transparent_hugepage']}")
     print(f"jax {env['jax']}, torch {env['torch']}, transformers {env['transformers']}; "
           f"repeats={args.repeats} warmup={args.warmup}", flush=True)
+    if env["cpu_busy_elsewhere_before"] > 0.1:
+        print(f"WARNING: {env['cpu_busy_elsewhere_before']:.0%} of the CPUs are busy with other "
+              "processes; timings will be noisy (torch's OpenMP suffers most from sharing cores)")
 
+    results: dict[str, Any] = {"env": env, "args": vars(args), "hf_config": hf_config.to_dict()}
+    ratios: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="realm_bench_") as tmp:
-        print("embedder ...", flush=True)
-        embedder = bench_embedder(args, hf_config, tmp)
-        print("training step ...", flush=True)
-        train = bench_train_step(args, hf_config, tmp)
-
-    results = {
-        "env": env,
-        "args": vars(args),
-        "hf_config": hf_config.to_dict(),
-        "embedder": embedder,
-        "train_step": train,
-        "ratios": {
-            "embedder": embedder["ratio"],
-            **{f"train_step_{n}": train[f"ratio_{n}"]
-               for n in ("gathered", "full_logits") if f"ratio_{n}" in train},
-        },
-        "goal_ratio": 1.3,
-    }
+        if args.only in (None, "embedder"):
+            print("embedder ...", flush=True)
+            results["embedder"] = bench_embedder(args, hf_config, tmp)
+            ratios["embedder"] = results["embedder"]["ratio"]
+        if args.only in (None, "train_step"):
+            print("training step ...", flush=True)
+            train = results["train_step"] = bench_train_step(args, hf_config, tmp)
+            ratios.update({f"train_step_{n}": train[f"ratio_{n}"]
+                           for n in ("gathered", "full_logits") if f"ratio_{n}" in train})
+    results["env"]["cpu_busy_elsewhere_after"] = cpu_busy_elsewhere()
+    results["ratios"] = ratios
+    results["goal_ratio"] = 1.3
     print()
     print(table(results))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -19,16 +19,6 @@ from realm_jax.testing import hf_reference as ref
 TOL = 1e-4
 
 
-def make_inputs(rng: np.random.Generator, n: int, length: int, vocab: int):
-    """Random ids, attention masks with trailing padding, and segment ids (1 after a split)."""
-    ids = rng.integers(3, vocab, size=(n, length)).astype(np.int64)
-    lengths = rng.integers(length // 2, length + 1, size=n)
-    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int64)
-    split = rng.integers(2, length // 2, size=n)
-    types = ((np.arange(length)[None] >= split[:, None]) & (mask == 1)).astype(np.int64)
-    return ids * mask, mask, types
-
-
 @pytest.fixture(scope="module")
 def hf_config():
     return ref.realm_config()
@@ -53,7 +43,7 @@ def test_embedder_matches(saved, hf_config):
     model, d = saved["RealmEmbedder"]
     cfg, params = checkpoints.load_pretrained(d)
     assert set(params) == {"embedder"}
-    ids, mask, types = make_inputs(np.random.default_rng(0), 5, 20, hf_config.vocab_size)
+    ids, mask, types = ref.random_inputs(np.random.default_rng(0), 5, 20, hf_config.vocab_size)
     with torch.no_grad():
         want = model(ref.torch_tensor(ids), attention_mask=ref.torch_tensor(mask),
                      token_type_ids=ref.torch_tensor(types)).projected_score
@@ -67,9 +57,9 @@ def test_scorer_relevance_matches(saved, hf_config):
     cfg, params = checkpoints.load_pretrained(d)
     rng = np.random.default_rng(1)
     k = hf_config.num_candidates
-    q_ids, q_mask, q_types = make_inputs(rng, 2, 12, hf_config.vocab_size)
+    q_ids, q_mask, q_types = ref.random_inputs(rng, 2, 12, hf_config.vocab_size)
     c_ids, c_mask, c_types = (x.reshape(2, k, 20) for x in
-                              make_inputs(rng, 2 * k, 20, hf_config.vocab_size))
+                              ref.random_inputs(rng, 2 * k, 20, hf_config.vocab_size))
     with torch.no_grad():
         want = model(
             ref.torch_tensor(q_ids), attention_mask=ref.torch_tensor(q_mask),
@@ -92,7 +82,7 @@ def test_knowledge_aug_encoder_logits_and_loss_match(saved, hf_config):
     assert set(params) == {"encoder"}
     rng = np.random.default_rng(2)
     b, k, length, v = 2, hf_config.num_candidates, 24, hf_config.vocab_size
-    ids, mask, types = make_inputs(rng, b * k, length, v)
+    ids, mask, types = ref.random_inputs(rng, b * k, length, v)
     relevance = rng.normal(size=(b, k)).astype(np.float32)
     labels = np.full((b, length), -100, np.int64)
     for i in range(b):  # a few masked positions per query, inside the shortest sequence
@@ -126,7 +116,7 @@ def test_knowledge_aug_encoder_logits_and_loss_match(saved, hf_config):
 
 def _reader_case(rng, hf_config, length=24):
     s, r = hf_config.searcher_beam_size, hf_config.reader_beam_size
-    ids, mask, types = make_inputs(rng, r, length, hf_config.vocab_size)
+    ids, mask, types = ref.random_inputs(rng, r, length, hf_config.vocab_size)
     block_mask = (types == 1) & (mask == 1)
     relevance = rng.normal(size=(s,)).astype(np.float32)
     has_answers = np.array([True, False, True, False, False, True][:s])
@@ -182,7 +172,7 @@ def test_openqa_checkpoint_loads_embedder_and_reader(saved, hf_config):
     model, d = saved["RealmForOpenQA"]
     cfg, params = checkpoints.load_pretrained(d)
     assert set(params) == {"embedder", "reader"}
-    ids, mask, types = make_inputs(np.random.default_rng(4), 3, 16, hf_config.vocab_size)
+    ids, mask, types = ref.random_inputs(np.random.default_rng(4), 3, 16, hf_config.vocab_size)
     t = ref.torch_tensor
     with torch.no_grad():
         want = model.embedder(t(ids), attention_mask=t(mask), token_type_ids=t(types))[0]
@@ -196,7 +186,7 @@ def test_gradients_match_torch(saved, hf_config):
     cfg, params = checkpoints.load_pretrained(d)
     rng = np.random.default_rng(5)
     b, k, length, v = 1, hf_config.num_candidates, 16, hf_config.vocab_size
-    ids, mask, types = make_inputs(rng, b * k, length, v)
+    ids, mask, types = ref.random_inputs(rng, b * k, length, v)
     relevance = rng.normal(size=(b, k)).astype(np.float32)
     labels = np.full((b, length), -100, np.int64)
     labels[0, [2, 5]] = [7, 11]

@@ -40,6 +40,19 @@ def build(cls_name: str, config, seed: int = 0, noise: float = 0.05):
     return model.eval()
 
 
+def random_inputs(
+    rng: np.random.Generator, n: int, length: int, vocab: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random ids, attention masks with trailing padding (length ≥ half) and segment ids
+    (1 after a random split): int64 [n, length] each, ready for torch and for us."""
+    ids = rng.integers(3, vocab, size=(n, length)).astype(np.int64)
+    lengths = rng.integers(length // 2, length + 1, size=n)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int64)
+    split = rng.integers(2, length // 2, size=n)
+    types = ((np.arange(length)[None] >= split[:, None]) & (mask == 1)).astype(np.int64)
+    return ids * mask, mask, types
+
+
 def to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
