@@ -2,27 +2,111 @@
 
 Lower-casing follows the vocabulary: an uncased vocab (no upper-case wordpieces) lower-cases
 and strips accents, as BERT-uncased and all-MiniLM-L6-v2 were trained.
+
+The four sequence layouts of REALM (DESIGN §1), each truncated to its configured length:
+
+  query        [CLS] q [SEP]                      `encode_queries`            (96 in pre-training)
+  block        [CLS] title [SEP] body [SEP]       `encode_blocks`             (288)
+  MLM join     [CLS] masked q [SEP] body [SEP]    `encode_mlm_join`  (384; fast: joins.join_mlm)
+  reader join  [CLS] q [SEP] block [SEP]          `encode_reader_join` (320; joins.join_reader)
+
+Segment (token type) ids are 1 from the first token after the first [SEP] through the last
+[SEP], as BERT's sentence pairs. The special tokens are not registered with `tokenizers`, so a
+literal "[SEP]" in a text stays text ("[", "sep", "]") and cannot forge a segment boundary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from etils import epath
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+if TYPE_CHECKING:
+    from realm_jax.data import joins
+
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# Lone UTF-16 surrogates (e.g. from a JSON "\ud800" escape) cannot be encoded as UTF-8.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# A block's title may take at most this many wordpieces (and at most a quarter of the block),
+# so a long title never squeezes the body out of a short block.
+MAX_TITLE_WORDPIECES = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
-    """A padded batch: each field [batch, max_length] int32."""
+    """A padded batch: each field [batch, max_length] int32 (or [batch, k, max_length]).
+
+    `truncated` [batch] bool says which rows lost content to the length limit (None when the
+    producer does not track it).
+    """
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     token_type_ids: np.ndarray
+    truncated: np.ndarray | None = None
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Number of real (non-pad) tokens per row, [batch] int32."""
+        return self.attention_mask.sum(-1).astype(np.int32)
+
+
+def clean_text(text: str) -> str:
+    """Replace lone UTF-16 surrogates (unencodable as UTF-8) by U+FFFD, one char for one."""
+    return _SURROGATES.sub("\ufffd", text) if _SURROGATES.search(text) else text
+
+
+def title_budget(max_length: int) -> int:
+    """Most wordpieces a title may keep inside a block of `max_length` tokens."""
+    return max(0, min(MAX_TITLE_WORDPIECES, (max_length - 3) // 4))
+
+
+def body_budget(title_len: int, max_length: int) -> int:
+    """Wordpieces left for the body in `[CLS] title [SEP] body [SEP]` of `max_length` tokens."""
+    budget = max_length - 3 - min(title_len, title_budget(max_length))
+    if budget < 1:
+        raise ValueError(f"block length {max_length} leaves no room for a body")
+    return budget
+
+
+def pack_rows(
+    firsts: Sequence[Sequence[int]],
+    seconds: Sequence[Sequence[int]] | None,
+    max_length: int,
+    cls_id: int,
+    sep_id: int,
+    pad_id: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Already-truncated parts → (ids, mask, types) [n, max_length] int32, vectorised.
+
+    Row i is `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`; the caller guarantees it fits.
+    """
+    n = len(firsts)
+    la = np.fromiter((len(a) for a in firsts), np.int64, n)
+    lb = (np.fromiter((len(b) for b in seconds), np.int64, n) if seconds is not None
+          else np.full(n, -1, np.int64))  # -1: no second segment and no second [SEP]
+    total = la + 2 + (lb + 1)
+    if n and total.max() > max_length:
+        raise ValueError(f"row of {total.max()} tokens does not fit max_length={max_length}")
+    pos = np.broadcast_to(np.arange(max_length), (n, max_length))  # [n, L]
+    ids = np.full((n, max_length), pad_id, np.int32)
+    la_, lb_ = la[:, None], lb[:, None]
+    ids[pos == 0] = cls_id
+    ids[(pos == la_ + 1) | ((lb_ >= 0) & (pos == la_ + 2 + lb_))] = sep_id
+    in_a = (pos >= 1) & (pos <= la_)
+    if la.sum():
+        ids[in_a] = np.concatenate([np.asarray(a, np.int32) for a in firsts if len(a)])
+    in_b = (pos >= la_ + 2) & (pos < la_ + 2 + lb_)
+    if seconds is not None and lb.sum() > 0:
+        ids[in_b] = np.concatenate([np.asarray(b, np.int32) for b in seconds if len(b)])
+    mask = (pos < total[:, None]).astype(np.int32)
+    types = ((pos >= la_ + 2) & (pos < total[:, None])).astype(np.int32)
+    return ids, mask, types
 
 
 class WordPiece:
@@ -38,6 +122,7 @@ class WordPiece:
         if lowercase is None:  # uncased vocab ⇔ no wordpiece has an upper-case letter
             lowercase = not any(t.lower() != t for t in tokens if not t.startswith("["))
         self.lowercase = lowercase
+        self.vocab_file = str(path)
         tok = Tokenizer(
             models.WordPiece(self.vocab, unk_token="[UNK]", max_input_chars_per_word=100)
         )
@@ -50,6 +135,13 @@ class WordPiece:
         self.pad_id, self.cls_id, self.sep_id, self.mask_id = (
             self.vocab[s] for s in ("[PAD]", "[CLS]", "[SEP]", "[MASK]")
         )
+        self.unk_id = self.vocab["[UNK]"]
+        # Ids a random replacement (80/10/10 masking) may draw: real wordpieces only.
+        self.special_ids = np.array(
+            sorted(i for t, i in self.vocab.items() if t.startswith("[") and t.endswith("]")),
+            np.int32,
+        )
+        self._inverse = tokens
 
     @property
     def vocab_size(self) -> int:
@@ -57,10 +149,36 @@ class WordPiece:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Wordpiece ids of each text, without special tokens."""
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self._encode_batch(texts)]
+
+    def _encode_batch(self, texts: Sequence[str]):
+        try:
+            return self._tok.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:  # a lone surrogate: replace it (1 char for 1, offsets unchanged)
+            bad = [t for t in texts if not isinstance(t, str)]
+            if bad:
+                raise TypeError(f"tokenizer inputs must be str, got {type(bad[0]).__name__}"
+                                ) from None
+            return self._tok.encode_batch([clean_text(t) for t in texts],
+                                          add_special_tokens=False)
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        """Number of wordpieces of each text (cheaper than materialising the ids)."""
+        return [len(e) for e in self._encode_batch(texts)]
+
+    def tokenize_with_offsets(
+        self, texts: Sequence[str]
+    ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, char offsets into the original text) per text; offsets survive lower-casing."""
+        return [(e.ids, e.offsets) for e in self._encode_batch(texts)]
+
+    def id_to_token(self, i: int) -> str:
+        return self._inverse[i]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    # ---------------------------------------------------------------- the four layouts
 
     def encode(
         self, texts: Sequence[str], max_length: int, pairs: Sequence[str] | None = None
@@ -70,25 +188,122 @@ class WordPiece:
         Over-long inputs are truncated, the longer part first, so both sides keep content.
         """
         firsts = self.tokenize(texts)
-        seconds = self.tokenize(pairs) if pairs is not None else [None] * len(firsts)
-        ids = np.full((len(firsts), max_length), self.pad_id, np.int32)
-        types = np.zeros_like(ids)
-        for i, (a, b) in enumerate(zip(firsts, seconds, strict=True)):
-            a, b = _truncate_pair(a, b, max_length - (3 if b is not None else 2))
-            row = [self.cls_id, *a, self.sep_id]
-            if b is not None:
-                types[i, len(row): len(row) + len(b) + 1] = 1
-                row += [*b, self.sep_id]
-            ids[i, : len(row)] = row
-        mask = (np.arange(max_length)[None] < (ids != self.pad_id).sum(1)[:, None])
-        return Encoded(ids, mask.astype(np.int32), types)
+        seconds = self.tokenize(pairs) if pairs is not None else None
+        return self.encode_ids(firsts, max_length, seconds)
+
+    def encode_ids(
+        self,
+        firsts: Sequence[Sequence[int]],
+        max_length: int,
+        seconds: Sequence[Sequence[int]] | None = None,
+    ) -> Encoded:
+        """`encode` for texts already turned into wordpiece ids."""
+        budget = max_length - (3 if seconds is not None else 2)
+        a_out, b_out, cut = [], [], np.zeros(len(firsts), bool)
+        for i, a in enumerate(firsts):
+            b = seconds[i] if seconds is not None else None
+            ta, tb = _truncate_pair(a, b, budget)
+            cut[i] = len(ta) < len(a) or (b is not None and len(tb) < len(b))
+            a_out.append(ta)
+            b_out.append(tb)
+        ids, mask, types = pack_rows(a_out, b_out if seconds is not None else None, max_length,
+                                     self.cls_id, self.sep_id, self.pad_id)
+        return Encoded(ids, mask, types, cut)
+
+    def encode_queries(self, texts: Sequence[str], max_length: int) -> Encoded:
+        """`[CLS] q [SEP]` [n, max_length]; `.truncated` marks over-long questions."""
+        return self.encode(texts, max_length)
+
+    def encode_blocks(
+        self, titles: Sequence[str], bodies: Sequence[str], max_length: int
+    ) -> Encoded:
+        """`[CLS] title [SEP] body [SEP]` [n, max_length], segment 1 from the body on.
+
+        The title keeps at most `title_budget(max_length)` wordpieces and the body the rest;
+        blocks built by `blocks.Chunker` with the same length are never truncated.
+        """
+        return self.encode_block_ids(self.tokenize(titles), self.tokenize(bodies), max_length)
+
+    def encode_block_ids(
+        self, titles: Sequence[Sequence[int]], bodies: Sequence[Sequence[int]], max_length: int
+    ) -> Encoded:
+        """`encode_blocks` for pre-tokenised titles and bodies."""
+        t_out, b_out, cut = [], [], np.zeros(len(titles), bool)
+        for i, (t, b) in enumerate(zip(titles, bodies, strict=True)):
+            t2 = list(t[: title_budget(max_length)])
+            b2 = list(b[: body_budget(len(t2), max_length)])
+            cut[i] = len(t2) < len(t) or len(b2) < len(b)
+            t_out.append(t2)
+            b_out.append(b2)
+        ids, mask, types = pack_rows(t_out, b_out, max_length, self.cls_id, self.sep_id,
+                                     self.pad_id)
+        return Encoded(ids, mask, types, cut)
+
+    def null_block(self, max_length: int) -> Encoded:
+        """The null document `[CLS] [SEP] [SEP]` as one row [1, max_length] (segment 0 0 1)."""
+        return self.encode_block_ids([[]], [[]], max_length)
+
+    def encode_mlm_join(
+        self,
+        masked_query_ids: np.ndarray,
+        block_bodies: Sequence[Sequence[str]],
+        max_length: int,
+    ) -> Encoded:
+        """`[CLS] masked q [SEP] body [SEP]` for K bodies per query → [B, K, max_length].
+
+        Args:
+          masked_query_ids: [B, Lq] `[CLS] q [SEP] [PAD]…` rows (as the pre-training batch's
+            `query_ids`); the query occupies the same positions in all K rows, so the batch's
+            `mlm_positions` index the join unchanged.
+          block_bodies: B lists of K body strings ("" = the null document).
+          max_length: L, e.g. 96 + 288 = 384.
+        For many queries against a fixed corpus use `joins.join_mlm` with `tokenize_corpus`.
+        """
+        from realm_jax.data import joins  # noqa: F811  (joins builds on this module)
+
+        bodies, ids = self._ragged_bodies(block_bodies)
+        return joins.join_mlm(masked_query_ids, _lengths(masked_query_ids, self.pad_id),
+                              bodies, ids, max_length)
+
+    def encode_reader_join(
+        self, questions: Sequence[str], blocks: Sequence[Sequence[str]], max_length: int,
+        question_length: int = 64,
+    ) -> joins.ReaderInputs:
+        """`[CLS] q [SEP] block [SEP]` for K blocks per question → joins.ReaderInputs [B, K, L].
+
+        The question keeps at most `question_length` tokens including [CLS] and [SEP].
+        """
+        from realm_jax.data import joins  # noqa: F811
+
+        q = self.encode_queries(questions, question_length)
+        bodies, ids = self._ragged_bodies(blocks)
+        return joins.join_reader(q.input_ids, q.lengths, bodies, ids, max_length)
+
+    def _ragged_bodies(self, block_bodies: Sequence[Sequence[str]]):
+        from realm_jax.data import joins  # noqa: F811
+
+        k = max(len(row) for row in block_bodies)
+        if any(len(row) != k for row in block_bodies):
+            raise ValueError("every query needs the same number of candidate blocks")
+        flat = [t for row in block_bodies for t in row]
+        tokens = self.tokenize(flat)
+        blocks = joins.TokenizedBlocks.from_lists([[] for _ in flat], tokens, self)
+        ids = np.arange(len(flat), dtype=np.int64).reshape(len(block_bodies), k)
+        return blocks, ids
 
 
-def _truncate_pair(a: list[int], b: list[int] | None, budget: int):
+def _lengths(ids: np.ndarray, pad_id: int) -> np.ndarray:
+    """True length of each `[CLS] … [SEP] [PAD]…` row: index of the last non-pad token + 1."""
+    nonpad = np.asarray(ids) != pad_id
+    return np.where(nonpad.any(-1), ids.shape[-1] - np.argmax(nonpad[..., ::-1], -1), 0).astype(
+        np.int32)
+
+
+def _truncate_pair(a: Sequence[int], b: Sequence[int] | None, budget: int):
     if budget < 0:
         raise ValueError("max_length is too small for the special tokens")
     if b is None:
-        return a[:budget], None
+        return list(a[:budget]), None
     a, b = list(a), list(b)
     while len(a) + len(b) > budget:
         (a if len(a) > len(b) else b).pop()
