@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from realm_jax import checkpoints, defaults, initialize
+from realm_jax.data.blocks import BlockCorpus
 from realm_jax.models import Embedder
 from realm_jax.retrieval import store
-from realm_jax.retrieval.refresher import Refresher, block_batches, load_tokenizer
+from realm_jax.retrieval.refresher import Refresher, load_tokenizer
 
-CORPUS = [
-    {"title": f"Entity {i}", "text": f"Entity {i} was born in {1900 + i} in city number {i % 7}.",
-     "uid": f"uid-{i}"}
+CORPUS = BlockCorpus.from_blocks([
+    {"title": f"Entity {i}", "text": f"Entity {i} was born in {1900 + i} in city number {i % 7}."}
     for i in range(37)  # not a multiple of the batch size: the last batch is padded
-]
+])
 
 
 def tiny(**overrides):
@@ -24,7 +24,8 @@ def tiny(**overrides):
 def direct_embeddings(config, params):
     """What the embedder gives for the corpus, without the refresher's batching machinery."""
     tok = load_tokenizer(config)
-    enc = next(block_batches(CORPUS, tok, config.data.block_len, len(CORPUS)))
+    enc = tok.encode_blocks([b["title"] for b in CORPUS], [b["text"] for b in CORPUS],
+                            config.data.block_len)
     module = Embedder(defaults.model_config(config))
     return np.asarray(module.apply({"params": jax.device_get(params)}, enc.input_ids,
                                    enc.attention_mask, enc.token_type_ids))

@@ -17,11 +17,10 @@ moves `LATEST` after the new version is fully on disk.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -30,6 +29,9 @@ import numpy as np
 from etils import epath
 
 from realm_jax import checkpoints, defaults, initialize, sharding
+from realm_jax.data import synthetic
+from realm_jax.data.blocks import BlockCorpus
+from realm_jax.data.joins import TokenizedBlocks, tokenize_corpus
 from realm_jax.data.tokenizer import Encoded, WordPiece
 from realm_jax.models import Embedder
 from realm_jax.retrieval import store
@@ -43,29 +45,28 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> WordPiece:
     return WordPiece(path)
 
 
-def corpus_fingerprint(corpus: Sequence[dict]) -> str:
-    """The corpus's own fingerprint if it has one, else sha1 over the block uids in order."""
-    fp = getattr(corpus, "fingerprint", None)
-    if fp:
-        return str(fp)
-    h = hashlib.sha1()
-    for i in range(len(corpus)):
-        h.update(corpus[i]["uid"].encode())
-        h.update(b"\n")
-    return h.hexdigest()
+def load_corpus(config: ml_collections.ConfigDict, tokenizer: WordPiece) -> BlockCorpus:
+    """The run's corpus: a prepared `realm_blocks` dataset, or "synthetic" — the generated
+    knowledge base cut at `data.block_len`, deterministic from its seed, so trainer and
+    refresher build the same corpus (the index's `corpus_fingerprint` checks it)."""
+    spec = config.data.corpus
+    if spec == "synthetic":
+        kb = synthetic.generate(**config.data.synthetic)
+        return kb.build(tokenizer, config.data.block_len).corpus
+    if not spec:
+        raise ValueError("config.data.corpus is empty: name a realm_blocks dataset or 'synthetic'")
+    return BlockCorpus.load(spec)
 
 
 def block_batches(
-    corpus: Sequence[dict], tokenizer: WordPiece, block_len: int, batch_size: int
+    blocks: TokenizedBlocks, block_len: int, batch_size: int
 ) -> Iterator[Encoded]:
     """`[CLS] title [SEP] body [SEP]` batches of exactly `batch_size` rows (the last padded with
-    empty rows), so the jitted embedder compiles once."""
-    for start in range(0, len(corpus), batch_size):
-        rows = [corpus[i] for i in range(start, min(start + batch_size, len(corpus)))]
-        pad = batch_size - len(rows)
-        titles = [r["title"] for r in rows] + [""] * pad
-        bodies = [r["text"] for r in rows] + [""] * pad
-        yield tokenizer.encode(titles, block_len, pairs=bodies)
+    null documents), so the jitted embedder compiles once."""
+    n = len(blocks.titles)
+    for start in range(0, n, batch_size):
+        ids = np.arange(start, start + batch_size)
+        yield blocks.encode(np.where(ids < n, ids, -1), block_len)
 
 
 class BlockEmbedder:
@@ -88,15 +89,14 @@ class BlockEmbedder:
             mesh, self.rules, out_shardings=sharding.replicated(mesh),
         )
 
-    def __call__(self, params: Any, corpus: Sequence[dict], progress: bool = True) -> np.ndarray:
+    def __call__(self, params: Any, blocks: TokenizedBlocks, progress: bool = True) -> np.ndarray:
         """All blocks → float32 [N, d], in corpus order."""
         from tqdm import tqdm
 
-        n = len(corpus)
+        n = len(blocks.titles)
         out: list[np.ndarray] = []
         t0 = time.time()
-        batches = block_batches(corpus, self.tokenizer, self.config.data.block_len,
-                                self.batch_size)
+        batches = block_batches(blocks, self.config.data.block_len, self.batch_size)
         bar = tqdm(batches, total=-(-n // self.batch_size), unit="batch", disable=not progress,
                    desc="embedding blocks")
         for enc in bar:
@@ -153,23 +153,21 @@ class Refresher:
 
     def __init__(
         self, config: ml_collections.ConfigDict, workdir: epath.PathLike,
-        corpus: Sequence[dict] | None = None, progress: bool = True,
+        corpus: BlockCorpus | None = None, progress: bool = True,
     ):
         self.config = config
         self.workdir = epath.Path(workdir)
         self.mesh = sharding.make_mesh(dict(config.mesh))
-        if corpus is None:
-            from realm_jax.data.blocks import BlockCorpus
-
-            corpus = BlockCorpus.load(config.data.corpus)
-        self.corpus = corpus
-        self.corpus_fp = corpus_fingerprint(corpus)
-        self.embedder = BlockEmbedder(config, self.mesh, load_tokenizer(config))
+        tokenizer = load_tokenizer(config)
+        self.corpus = load_corpus(config, tokenizer) if corpus is None else corpus
+        self.corpus_fp = self.corpus.fingerprint
+        self.blocks = tokenize_corpus(self.corpus, tokenizer)
+        self.embedder = BlockEmbedder(config, self.mesh, tokenizer)
         self.progress = progress
         self.published: list[int] = []
 
     def _refresh(self, step: int, params: Any) -> None:
-        embeddings = self.embedder(params, self.corpus, progress=self.progress)
+        embeddings = self.embedder(params, self.blocks, progress=self.progress)
         publish_index(self.config, self.workdir, step, embeddings, self.corpus_fp)
         self.published.append(step)
 

@@ -1,0 +1,83 @@
+"""Crash safety: kill -9 the refresher process at random moments while a reader polls LATEST.
+
+Every trial the "trainer" (this test) writes a new checkpoint, starts `python -m
+realm_jax.refresh` following the workdir, and kills it with SIGKILL after a random delay —
+during start-up, restore, embedding, the ScaNN-free publish or between refreshes. A reader
+thread loads LATEST in a loop the whole time: it must never see a torn version, and every
+version LATEST ever named must load and validate.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from realm_jax import checkpoints, defaults, initialize, sharding
+from realm_jax.retrieval import store
+
+TRIALS = 20
+
+
+def write_checkpoint(workdir, step, base):
+    trained = jax.tree.map(lambda x: np.asarray(x) * (1 + 0.1 * step), base)
+    manager = checkpoints.checkpoint_manager(workdir)
+    checkpoints.save_train_state(manager, step, {"embedder": trained}, {}, {}, {})
+    manager.wait_until_finished()
+    manager.close()
+
+
+@pytest.mark.slow
+def test_kill_9_never_leaves_a_torn_index(tmp_path, eight_devices):
+    config = defaults.load_config("configs/tiny.py")
+    mesh = sharding.make_mesh({"data": -1})
+    base = jax.device_get(initialize.initial_params(config, ["embedder"], mesh)[0]["embedder"])
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    cmd = [sys.executable, "-m", "realm_jax.refresh", "--config", "configs/tiny.py",
+           "--workdir", str(tmp_path), "--timeout_s", "60"]
+
+    seen: dict[int, str] = {}  # step → sha of meta.json at the time it was read
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                if store.latest_step(tmp_path) is None:
+                    continue
+                version = store.load_latest(tmp_path)
+                seen.setdefault(version.step, version.meta["corpus_fingerprint"])
+            except Exception as e:  # noqa: BLE001  any failure is a torn or invalid version
+                errors.append(f"{type(e).__name__}: {e}")
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    rng = random.Random(0)
+    try:
+        for trial in range(TRIALS):
+            write_checkpoint(tmp_path, trial + 1, base)
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.5, 5.0))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            latest = store.latest_step(tmp_path)
+            if latest is not None:  # LATEST names a complete, loadable version after every kill
+                assert store.load_latest(tmp_path).step == latest
+        # A last, uninterrupted run catches up with the newest checkpoint.
+        subprocess.run([*cmd[:-2], "--once"], env=env, check=True, timeout=120,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not errors, errors[:3]
+    assert store.load_latest(tmp_path).step == TRIALS
+    assert len(seen) >= 3, f"too few versions published to test anything: {sorted(seen)}"
+    assert len(set(seen.values())) == 1  # every version indexes the same corpus
