@@ -43,6 +43,7 @@ import time
 from typing import Any
 
 import numpy as np
+from bench_utils import cpu_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results", "data_speed.json")
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["env"] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": sys.version.split()[0], "platform": platform.platform(),
-        "cpu": _cpu_model(), "cpus": len(os.sched_getaffinity(0)),
+        "cpu": cpu_model(), "cpus": len(os.sched_getaffinity(0)),
         "versions": _versions(),
     }
     _print(res)
@@ -252,17 +253,6 @@ def _print(res: dict[str, Any]) -> None:
         print(f"CPU step proxy ({s['preset']}, {s['shape']}): {1e3 * s['s_per_step']:.0f} ms"
               f" (compile {s['compile_s']:.1f} s)")
         print(f"headroom: step / host work = {res['headroom']:.0f}x")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _versions() -> dict[str, str]:

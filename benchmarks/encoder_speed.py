@@ -57,7 +57,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -67,6 +66,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from bench_utils import cpu_busy_elsewhere, cpu_model
 
 # Model sizes: keyword arguments for `transformers.RealmConfig` (its defaults are BERT-base).
 SIZES: dict[str, dict[str, Any]] = {
@@ -157,34 +157,6 @@ def thp_mode() -> str:
             return f.read().strip()
     except OSError:
         return "unknown"
-
-
-def cpu_busy_elsewhere(seconds: float = 1.0) -> float:
-    """Fraction of all CPUs busy over `seconds` while this process sleeps (other load)."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        idle = v[3] + v[4]  # idle + iowait
-        return sum(v) - idle, sum(v)
-
-    try:
-        busy0, total0 = sample()
-        time.sleep(seconds)
-        busy1, total1 = sample()
-    except OSError:
-        return float("nan")
-    return (busy1 - busy0) / max(total1 - total0, 1)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # --------------------------------------------------------------------------- timing

@@ -1,0 +1,35 @@
+"""Helpers shared by the benchmark scripts (run as `python benchmarks/<name>.py`, which puts
+this directory on sys.path)."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+
+def cpu_busy_elsewhere(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over `seconds` while this process sleeps (other load)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + v[4]  # idle + iowait
+        return sum(v) - idle, sum(v)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except OSError:
+        return float("nan")
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
