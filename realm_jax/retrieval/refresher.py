@@ -72,11 +72,10 @@ def block_batches(
 class BlockEmbedder:
     """Embeds blocks with the document tower, sharded over the mesh's batch axes."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh, tokenizer: WordPiece):
+    def __init__(self, config: ml_collections.ConfigDict, mesh):
         self.config = config
         self.mesh = mesh
         self.rules = tuple(config.rules)
-        self.tokenizer = tokenizer
         self.module = Embedder(defaults.model_config(config))
         self.batch_size = int(config.refresh.batch_size)
         batch_shards = sharding.mesh_batch_size(mesh, self.rules)
@@ -162,7 +161,7 @@ class Refresher:
         self.corpus = load_corpus(config, tokenizer) if corpus is None else corpus
         self.corpus_fp = self.corpus.fingerprint
         self.blocks = tokenize_corpus(self.corpus, tokenizer)
-        self.embedder = BlockEmbedder(config, self.mesh, tokenizer)
+        self.embedder = BlockEmbedder(config, self.mesh)
         self.progress = progress
         self.published: list[int] = []
 
