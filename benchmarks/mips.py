@@ -69,6 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -592,8 +593,8 @@ def bench_refresher(table: Array, args: argparse.Namespace) -> dict[str, Any]:
     config = minilm_config(block_len, batch)
     embedder, tok, params, load_s = minilm_embedder(config)
     sample = generated_blocks(args.refresh_sample, 12, args.seed + 7)
-    lengths = embedder.tokenizer.encode([b["title"] for b in sample[:64]], block_len,
-                                        pairs=[b["text"] for b in sample[:64]]).lengths
+    lengths = tok.encode([b["title"] for b in sample[:64]], block_len,
+                         pairs=[b["text"] for b in sample[:64]]).lengths
     t0 = time.perf_counter()
     embed_blocks(embedder, tok, params, sample[:batch])  # compiles the jitted embedder
     compile_s = time.perf_counter() - t0
@@ -801,23 +802,33 @@ def main(argv: list[str] | None = None) -> None:
     points += bench_ivf(table, queries, truth, args)
     g = goals(points)
 
-    refresher = None
-    if not args.skip_refresher and not args.real:  # --real: its embedding rate is in "data"
-        print("refresher ...", flush=True)
-        quiet("refresher")
-        refresher = bench_refresher(table, args)
-
-    env["cpu_busy_elsewhere_after"] = cpu_busy_elsewhere()
-    env["cpu_busy_elsewhere_per_section"] = busy
-    env["total_s"] = time.perf_counter() - t_start
     title = (f"{data_info['kind']}, N={table.shape[0]:,}, d={table.shape[1]}, "
              f"{len(queries)} queries, k={args.k}, {env['cpus']} CPUs")
     plot(points, g, args.plot, title)
     results = {"env": env, "args": vars(args), "data": data_info,
-               "points": [p.to_json() for p in points], "goals": g, "refresher": refresher}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2, default=str)
+               "points": [p.to_json() for p in points], "goals": g, "refresher": None}
+
+    def save() -> None:
+        env["cpu_busy_elsewhere_after"] = cpu_busy_elsewhere()
+        env["cpu_busy_elsewhere_per_section"] = busy
+        env["total_s"] = time.perf_counter() - t_start
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+
+    save()  # the search results survive a failure in the refresher section
+    refresher = None
+    if not args.skip_refresher and not args.real:  # --real: its embedding rate is in "data"
+        print("refresher ...", flush=True)
+        quiet("refresher")
+        try:
+            refresher = bench_refresher(table, args)
+        except Exception as e:  # noqa: BLE001  report it, keep the search results
+            traceback.print_exc()
+            results["refresher"] = {"error": f"{type(e).__name__}: {e}"}
+        else:
+            results["refresher"] = refresher
+        save()
 
     print()
     print(title)
@@ -825,6 +836,8 @@ def main(argv: list[str] | None = None) -> None:
     print(goals_text(g))
     if refresher:
         print(refresher_text(refresher))
+    elif results["refresher"]:
+        print(f"Refresher section FAILED: {results['refresher']['error']}")
     print(f"other load: {env['cpu_busy_elsewhere_before']:.0%} before, "
           f"{env['cpu_busy_elsewhere_after']:.0%} after; before each section: "
           + ", ".join(f"{k} {v:.0%}" for k, v in busy.items())
