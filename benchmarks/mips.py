@@ -2,8 +2,8 @@
 
 Run (benchmark-only dependencies: `pip install faiss-cpu matplotlib`):
 
-    python benchmarks/mips.py            # quick: N = 100k, 1,000 queries (a few minutes)
-    python benchmarks/mips.py --full     # N = 1M (much longer; HNSW build dominates)
+    python benchmarks/mips.py            # quick: N = 100k, 1,000 queries (~75 s on 2 cores)
+    python benchmarks/mips.py --full     # N = 1M (~5.5 min; HNSW build dominates)
     python benchmarks/mips.py --real 20000   # real-text sanity run: MiniLM-embedded sentences
 
 Data. Embedding 100k blocks with the MiniLM-initialised embedder takes tens of minutes on a
@@ -22,8 +22,8 @@ Methods (every search is one batch of all queries, k = 10; all methods may use e
   * numpy exact: `queries @ table.T` + `argpartition` (+ sort of the k); the QPS baseline.
   * JAX exact: `ExactIndex` (realm_jax.retrieval.mips) on 1 CPU device and on 8 devices, each in
     a subprocess (`XLA_FLAGS=--xla_force_host_platform_device_count=8` must be set before jax
-    is imported). The 8 emulated devices share the same cores: this measures the sharded
-    code path's overhead, not a speed-up.
+    is imported). The 8 emulated devices share the same cores: this exercises the sharded
+    code path (local top-k, all-gather, merge), it is not a scaling measurement.
   * ScaNN: `ScannIndex` (realm_jax.retrieval.scann_index), num_leaves = √N (ScannConfig's rule;
     `--scann-num-leaves` to change), at several (num_leaves_to_search, reorder_k) settings with
     `parallel_search=True`; plus the default leaves/10 setting single-threaded
@@ -39,7 +39,9 @@ fixed at build time).
 
 Goals (issue #3): ScaNN recall@10 ≥ 0.95 at ≥ 10× numpy-exact QPS, and ≥ FAISS's QPS at equal
 recall: each FAISS method's recall→QPS Pareto frontier is interpolated (log QPS, linear in
-recall) at the ScaNN point's recall; the nearest measured FAISS points are reported too.
+recall) at the ScaNN point's recall; outside a frontier's measured range the value is only a
+bound, and the comparison is "undetermined" when the bound does not decide. The nearest
+measured FAISS points are reported too.
 
 Refresher (skip with `--skip-refresher`): documents/s of `BlockEmbedder` with a MiniLM config
 (preset minilm_l6_h384, mean pooling, init "minilm", batch 32, 128-wordpiece blocks) MEASURED
@@ -708,9 +710,13 @@ def plot(points: Sequence[Point], g: dict[str, Any], path: str, title: str) -> N
     for p in points:
         by_method.setdefault(p.method, []).append(p)
     for method, ps in by_method.items():
-        ps = sorted(ps, key=lambda p: p.recall)
-        ax.plot([p.recall for p in ps], [p.qps for p in ps], marker=next(markers),
-                label=method, linestyle="-" if len(ps) > 1 else "none")
+        # Like ann-benchmarks: the line joins the Pareto frontier, markers show every setting.
+        marker = next(markers)
+        front = frontier(ps)
+        (line,) = ax.plot([r for r, _ in front], [q for _, q in front], marker=marker,
+                          label=method, linestyle="-" if len(front) > 1 else "none")
+        ax.plot([p.recall for p in ps], [p.qps for p in ps], marker=marker, linestyle="none",
+                color=line.get_color(), markerfacecolor="none")
     ax.axhline(g["numpy_qps"] * GOAL_SPEEDUP, color="grey", linestyle=":", linewidth=1,
                label=f"{GOAL_SPEEDUP:.0f}x numpy exact")
     ax.axvline(GOAL_RECALL, color="grey", linestyle="--", linewidth=1,
