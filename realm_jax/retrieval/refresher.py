@@ -114,7 +114,7 @@ def _scann_config(config: ml_collections.ConfigDict):
     s = config.retrieval.scann
     return ScannConfig(
         num_leaves=s.num_leaves or None, num_leaves_to_search=s.num_leaves_to_search or None,
-        reorder_k=s.reorder_k,
+        reorder_k=s.reorder_k, parallel_search=s.parallel,
     )
 
 
