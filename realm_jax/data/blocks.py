@@ -288,7 +288,7 @@ class BlockCorpus:
             logging.info("%s: no %s, reading all uids once", path, UIDS_FILE)
             digests = _digests(_text(source[i]["uid"]) for i in range(len(source)))
             _save_npy(uid_file, digests)
-        return cls(_TfdsBlocks(source), digests, str(path))
+        return cls(sources.DecodedSource(source, _record), digests, str(path))
 
     def __len__(self) -> int:
         return len(self._digests)
@@ -300,8 +300,8 @@ class BlockCorpus:
 
     def get_many(self, indices: Iterable[int]) -> list[dict[str, Any]]:
         indices = [int(i) for i in indices]
-        if hasattr(self._source, "__getitems__"):
-            return self._source.__getitems__(indices)
+        if hasattr(self._source, "get_many"):
+            return self._source.get_many(indices)
         return [self._source[i] for i in indices]
 
     @property
@@ -310,22 +310,6 @@ class BlockCorpus:
 
     def __repr__(self) -> str:
         return f"BlockCorpus({len(self)} blocks, {self.description}, {self.fingerprint[:12]})"
-
-
-class _TfdsBlocks:
-    """A TFDS data source whose byte strings come back as str."""
-
-    def __init__(self, source):
-        self._source = source
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, i: int) -> dict[str, str]:
-        return _record(self._source[i])
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, str]]:
-        return [_record(r) for r in self._source.__getitems__(list(indices))]
 
 
 def _record(r: Mapping[str, Any]) -> dict[str, Any]:

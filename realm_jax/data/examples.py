@@ -154,21 +154,6 @@ class RealmSentences(sources.LocalBuilder):
         yield from enumerate(records)
 
 
-class _TfdsSentences:
-    def __init__(self, source):
-        self._source = source
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return _decode(self._source[int(i)])
-
-    def get_many(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """One batched array_record read (several times faster than item by item)."""
-        return [_decode(r) for r in self._source.__getitems__([int(i) for i in indices])]
-
-
 def _decode(r: Mapping[str, Any]) -> dict[str, Any]:
     return {"text": r["text"].decode("utf-8"), "spans": r["spans"],
             "block": int(r["block"]), "gold_block": int(r["gold_block"])}
@@ -188,5 +173,5 @@ def build_sentences(out_dir: epath.PathLike, *, source: str, path: str, name: st
 
 def load_sentences(path: epath.PathLike) -> Sequence[dict[str, Any]]:
     """A prepared `realm_sentences` version directory → random-access examples."""
-    return _TfdsSentences(
-        tfds.builder_from_directory(str(path)).as_data_source(split="train"))
+    return sources.DecodedSource(
+        tfds.builder_from_directory(str(path)).as_data_source(split="train"), _decode)

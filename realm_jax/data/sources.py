@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -193,3 +193,23 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     @classmethod
     def code_path(cls) -> epath.Path:
         return epath.Path(inspect.getfile(cls))
+
+
+class DecodedSource:
+    """A TFDS data source (array_record) whose raw records come back decoded by `decode`.
+
+    `get_many` makes one batched array_record read, several times faster than item by item.
+    """
+
+    def __init__(self, source: Any, decode: Callable[[Any], dict[str, Any]]):
+        self._source = source
+        self._decode = decode
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self._decode(self._source[int(i)])
+
+    def get_many(self, indices: Iterable[int]) -> list[dict[str, Any]]:
+        return [self._decode(r) for r in self._source.__getitems__([int(i) for i in indices])]
