@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from realm_jax import sharding
 from realm_jax.models import BertEncoder, Embedder, KnowledgeAugEncoder, SpanReader
 from realm_jax.models.config import RealmModelConfig
 
@@ -152,14 +153,19 @@ def tower_module(cfg: RealmModelConfig, tower: str, pooler: bool = True) -> nn.M
     raise ValueError(f"unknown tower {tower!r}")
 
 
+def example_inputs(tower: str, cfg: RealmModelConfig, batch: int = 1) -> tuple:
+    """Smallest inputs that build a tower's parameters (their shapes do not depend on them)."""
+    ids = np.zeros((batch, max(cfg.max_span_width, 8)), np.int32)
+    if tower == "encoder":
+        return (ids[:, None],)  # [B, K=1, L]
+    if tower == "reader":
+        return (ids, None, None, ids)  # ids, mask, types, block_mask
+    return (ids,)
+
+
 def _expected_shapes(cfg: RealmModelConfig, tower: str, pooler: bool) -> dict[tuple, tuple]:
     module = tower_module(cfg, tower, pooler)
-    length = max(cfg.max_span_width, 4)
-    ids = jax.ShapeDtypeStruct((1, length), np.int32)
-    args = (ids, None, None, ids) if tower == "reader" else (ids,)
-    boxed = jax.eval_shape(
-        lambda r, *a: module.init(r, *a)["params"], jax.random.key(0), *args
-    )
+    boxed = sharding.abstract_params(module, *example_inputs(tower, cfg))
     flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))[0]
     # A bare body is returned under "bert", like the body inside every tower.
     root = ("bert",) if tower == "bert" else ()

@@ -30,17 +30,6 @@ log = logging.getLogger(__name__)
 PyTree = Any
 
 
-def example_inputs(tower: str, cfg: RealmModelConfig, batch: int) -> tuple[np.ndarray, ...]:
-    """Smallest inputs that build a tower's parameters (shapes do not depend on them)."""
-    length = max(cfg.max_span_width, 8)
-    ids = np.zeros((batch, length), np.int32)
-    if tower == "encoder":
-        return (ids[:, None],)
-    if tower == "reader":
-        return (ids, None, None, ids)
-    return (ids,)
-
-
 def init_towers(
     cfg: RealmModelConfig, towers: Sequence[str], mesh, rules=sharding.DEFAULT_RULES,
     seed: int = 0,
@@ -49,7 +38,7 @@ def init_towers(
     params, shardings = {}, {}
     for i, tower in enumerate(towers):
         module = checkpoints.tower_module(cfg, tower)
-        args = example_inputs(tower, cfg, batch=1)
+        args = checkpoints.example_inputs(tower, cfg)
         params[tower], shardings[tower] = sharding.init_sharded(
             module, jax.random.fold_in(jax.random.key(seed), i), *args, mesh=mesh, rules=rules
         )
@@ -63,7 +52,7 @@ def abstract_towers(
     out = {}
     for tower in towers:
         module = checkpoints.tower_module(cfg, tower)
-        boxed = sharding.abstract_params(module, *example_inputs(tower, cfg, batch=1))
+        boxed = sharding.abstract_params(module, *checkpoints.example_inputs(tower, cfg))
         shardings = sharding.param_shardings(boxed, mesh, rules)
         unboxed = nn.meta.unbox(boxed)
         out[tower] = jax.tree.map(

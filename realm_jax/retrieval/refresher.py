@@ -162,6 +162,9 @@ class Refresher:
         self.corpus_fp = self.corpus.fingerprint
         self.blocks = tokenize_corpus(self.corpus, tokenizer)
         self.embedder = BlockEmbedder(config, self.mesh)
+        # The restore target (shapes + shardings) depends only on the config: build it once.
+        self._abstract = initialize.abstract_towers(
+            defaults.model_config(config), ["embedder"], self.mesh, tuple(config.rules))
         self.progress = progress
         self.published: list[int] = []
 
@@ -184,10 +187,8 @@ class Refresher:
         if latest is not None and step <= latest:
             return False
         manager = checkpoints.checkpoint_manager(self.workdir, read_only=True)
-        abstract = initialize.abstract_towers(
-            defaults.model_config(self.config), ["embedder"], self.mesh, tuple(self.config.rules))
         try:
-            params = checkpoints.restore_items(manager, step, abstract)["embedder"]
+            params = checkpoints.restore_items(manager, step, self._abstract)["embedder"]
         except Exception as e:  # noqa: BLE001  deleted / half-written: the next one supersedes
             log.warning("skipping checkpoint %d: %s: %s", step, type(e).__name__, e)
             return False
