@@ -31,7 +31,7 @@ from realm_jax import sharding
 from realm_jax.models import BertEncoder, Embedder, KnowledgeAugEncoder, SpanReader
 from realm_jax.models.config import RealmModelConfig
 
-FORMATS = ("hf_realm", "hf_bert", "minilm", "orbax")
+FORMATS = ("hf_realm", "hf_bert", "minilm", "orbax", "run")
 OUR_MARKER = "realm_jax.json"
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -227,6 +227,8 @@ def detect_format(path: epath.PathLike) -> str:
         raise FileNotFoundError(f"pretrained path {path} is not a directory")
     if (path / OUR_MARKER).exists():
         return "orbax"
+    if (path / CHECKPOINT_DIR).is_dir() and (path / "config.json").exists():
+        return "run"  # a realm_jax training workdir: its newest checkpoint
     if (path / "modules.json").exists() and (path / "config.json").exists():
         return "minilm"
     if (path / "config.json").exists():
@@ -408,6 +410,8 @@ def load_pretrained(path: epath.PathLike) -> tuple[RealmModelConfig, dict[str, A
     fmt = detect_format(path)
     if fmt == "orbax":
         return _load_converted(path)
+    if fmt == "run":
+        return _load_run(path)
     cfg, tensors = read_hf(path, fmt)
     return cfg, params_from_hf(tensors, cfg, fmt, where=str(path))
 
@@ -473,9 +477,29 @@ def save_train_state(
     manager.save(step, args=ocp.args.Composite(**items))
 
 
+def _load_run(workdir: epath.Path) -> tuple[RealmModelConfig, dict[str, Any]]:
+    """The towers of a training run's newest checkpoint, as host numpy arrays (e.g. ORQA
+    fine-tuning initialised from a pre-training workdir)."""
+    from realm_jax import defaults
+
+    cfg = defaults.model_config(defaults.load_config(str(workdir / "config.json")))
+    manager = checkpoint_manager(workdir, read_only=True)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{checkpoint_dir(workdir)} holds no checkpoint yet")
+        meta = restore_items(manager, step, {"meta": None})["meta"]
+        towers = restore_items(manager, step, {t: None for t in meta["towers"]})
+    finally:
+        manager.close()
+    logging.info("loaded towers %s of %s step %d", sorted(towers), workdir, step)
+    return cfg, jax.tree.map(np.asarray, towers)
+
+
 def restore_items(manager, step: int, abstract: Mapping[str, Any]) -> dict[str, Any]:
     """Restore only the named items: trees of `jax.ShapeDtypeStruct` (with `.sharding` to
-    restore sharded) for towers / opt_state, or None for the JSON items."""
+    restore sharded) for towers / opt_state (None: as saved, unsharded), or None for the JSON
+    items."""
     import orbax.checkpoint as ocp
 
     args = {}

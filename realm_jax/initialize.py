@@ -28,6 +28,18 @@ from realm_jax.models.config import RealmModelConfig
 
 log = logging.getLogger(__name__)
 PyTree = Any
+RETRIEVER_TOWERS = ("embedder", "query_embedder")
+
+
+def towers_for(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The towers a task trains: pre-training trains the (shared) embedder and the encoder;
+    ORQA trains the query tower and the reader against a frozen block index."""
+    if config.task == "realm_mlm":
+        shared = config.model.get("share_embedders", True)
+        return ("embedder", "encoder") if shared else ("embedder", "query_embedder", "encoder")
+    if config.task == "orqa":
+        return ("query_embedder", "reader")
+    raise ValueError(f"task={config.task!r}; accepted: realm_mlm, orqa")
 
 
 def init_towers(
@@ -110,17 +122,25 @@ def initial_params(
 ) -> tuple[dict[str, PyTree], dict[str, PyTree]]:
     """The parameters a run starts from when it has no checkpoint: (params, shardings).
 
-    `config.init.path` names pretrained weights (`checkpoints.load_pretrained`), "minilm" for
-    the packaged all-MiniLM-L6-v2, or "" for the seeded random init alone.
+    `config.init.path` names pretrained weights (`checkpoints.load_pretrained`: HF REALM /
+    BERT, a conversion, another run's workdir), "minilm" for the packaged all-MiniLM-L6-v2, or
+    "" for the seeded random init alone. `config.init.embedder_path`, if set, then replaces
+    the retriever towers (embedder, query_embedder) — REALM starts its retriever from ICT.
     """
     from realm_jax import defaults
 
     cfg = cfg or defaults.model_config(config)
     params, shardings = init_towers(cfg, towers, mesh, tuple(config.rules), config.seed)
-    path = config.init.path
-    if not path:
+    host = None
+    for key, which in (("path", towers),
+                       ("embedder_path", [t for t in towers if t in RETRIEVER_TOWERS])):
+        path = config.init.get(key, "")
+        if not path or not which:
+            continue
+        src = checkpoints.minilm_path() if path == "minilm" else path
+        _, pretrained = checkpoints.load_pretrained(src)
+        host = jax.device_get(params) if host is None else host
+        host.update(pretrained_towers(pretrained, which, host))
+    if host is None:
         return params, shardings
-    src = checkpoints.minilm_path() if path == "minilm" else path
-    _, pretrained = checkpoints.load_pretrained(src)
-    host = pretrained_towers(pretrained, towers, jax.device_get(params))
     return sharding.shard_like(host, shardings), shardings

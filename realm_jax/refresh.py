@@ -1,6 +1,10 @@
 """The asynchronous index refresher process (DESIGN §3, §4).
 
     python -m realm_jax.refresh --config configs/X.py --workdir DIR [--once]
+    python -m realm_jax.refresh --resolved_config DIR/config.json --workdir DIR
+
+`--resolved_config` reads the config a training run saved (what `train` passes to the refresher
+it supervises, so overrides given on the trainer's command line reach the refresher too).
 
 Without --once it follows WORKDIR/checkpoints until killed (or until --timeout_s passes with no
 new checkpoint); with --once it builds the initial index if there is none, refreshes from the
@@ -17,6 +21,7 @@ from ml_collections import config_flags
 from realm_jax.retrieval.refresher import Refresher
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_RESOLVED = flags.DEFINE_string("resolved_config", None, "A run's saved config.json instead.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints/ and index/).")
 _ONCE = flags.DEFINE_bool("once", False, "Refresh once from the newest checkpoint and exit.")
 _TIMEOUT = flags.DEFINE_float("timeout_s", None, "Stop after this long without a checkpoint.")
@@ -29,12 +34,19 @@ def main(argv: Sequence[str]) -> None:
         import jax
 
         jax.distributed.initialize()
-    refresher = Refresher(_CONFIG.value, _WORKDIR.value)
+    if (_CONFIG.value is None) == (_RESOLVED.value is None):
+        raise app.UsageError("give exactly one of --config and --resolved_config")
+    config = _CONFIG.value
+    if _RESOLVED.value:
+        from realm_jax import defaults
+
+        config = defaults.load_config(_RESOLVED.value)
+    refresher = Refresher(config, _WORKDIR.value)
     published = refresher.run(once=_ONCE.value, timeout_s=_TIMEOUT.value)
     logging.info("published index versions: %s", published)
     print(f"published index versions: {published}")
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.mark_flags_as_required(["workdir"])
     app.run(main)

@@ -29,33 +29,14 @@ import numpy as np
 from etils import epath
 
 from realm_jax import checkpoints, defaults, initialize, sharding
-from realm_jax.data import synthetic
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.joins import TokenizedBlocks, tokenize_corpus
-from realm_jax.data.tokenizer import Encoded, WordPiece
+from realm_jax.data.loaders import load_corpus, load_tokenizer
+from realm_jax.data.tokenizer import Encoded
 from realm_jax.models import Embedder
 from realm_jax.retrieval import store
 
 log = logging.getLogger(__name__)
-
-
-def load_tokenizer(config: ml_collections.ConfigDict) -> WordPiece:
-    vocab = config.data.vocab
-    path = checkpoints.minilm_path() / "vocab.txt" if vocab == "minilm" else epath.Path(vocab)
-    return WordPiece(path)
-
-
-def load_corpus(config: ml_collections.ConfigDict, tokenizer: WordPiece) -> BlockCorpus:
-    """The run's corpus: a prepared `realm_blocks` dataset, or "synthetic" — the generated
-    knowledge base cut at `data.block_len`, deterministic from its seed, so trainer and
-    refresher build the same corpus (the index's `corpus_fingerprint` checks it)."""
-    spec = config.data.corpus
-    if spec == "synthetic":
-        kb = synthetic.generate(**config.data.synthetic)
-        return kb.build(tokenizer, config.data.block_len).corpus
-    if not spec:
-        raise ValueError("config.data.corpus is empty: name a realm_blocks dataset or 'synthetic'")
-    return BlockCorpus.load(spec)
 
 
 def block_batches(

@@ -1,0 +1,108 @@
+"""A run's data from its config: tokenizer, corpus, pre-training sentences, QA splits.
+
+Trainer, refresher, evaluation and inference all call these, so every process of a run builds
+the same corpus from the same config (the index's `corpus_fingerprint` checks it).
+
+Config keys (defaults.base_config `data`):
+  vocab      a vocab.txt path or "minilm" (the packaged uncased BERT vocabulary);
+  corpus     "synthetic" (the generated knowledge base, data.synthetic) or a prepared
+             `realm_blocks` dataset / JSONL file (`BlockCorpus.load`);
+  sentences  pre-training examples: "" with a synthetic corpus (its paraphrased facts), a
+             prepared `realm_sentences` directory, a JSONL file, or "corpus" (every block
+             sentence with a salient span, tagged with the regex tagger);
+  qa         QA splits: "" with a synthetic corpus, else a `load_qa` spec (realm_qa directory,
+             TFDS name such as natural_questions_open, or a JSONL file with `{split}` in it).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+from realm_jax.data import synthetic
+from realm_jax.data.blocks import BlockCorpus
+from realm_jax.data.examples import Sentences, corpus_sentences, jsonl_sentences, load_sentences
+from realm_jax.data.qa import QaSet, load_qa
+from realm_jax.data.tokenizer import WordPiece
+
+
+def _minilm_vocab() -> epath.Path:
+    from realm_jax import checkpoints
+
+    return checkpoints.minilm_path() / "vocab.txt"
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(vocab: str) -> WordPiece:
+    return WordPiece(_minilm_vocab() if vocab == "minilm" else epath.Path(vocab))
+
+
+def load_tokenizer(config: ml_collections.ConfigDict) -> WordPiece:
+    return _tokenizer(str(config.data.vocab))
+
+
+@functools.lru_cache(maxsize=2)
+def _synthetic(num_entities: int, seed: int, vocab: str, block_len: int
+               ) -> synthetic.SyntheticData:
+    kb = synthetic.generate(num_entities=num_entities, seed=seed)
+    return kb.build(_tokenizer(vocab), block_len)
+
+
+def load_synthetic(config: ml_collections.ConfigDict) -> synthetic.SyntheticData:
+    """The generated knowledge base cut at `data.block_len` (cached per process)."""
+    s = config.data.synthetic
+    return _synthetic(int(s.num_entities), int(s.seed), str(config.data.vocab),
+                      int(config.data.block_len))
+
+
+def is_synthetic(config: ml_collections.ConfigDict) -> bool:
+    return config.data.corpus == "synthetic"
+
+
+def load_corpus(config: ml_collections.ConfigDict, tokenizer: WordPiece | None = None
+                ) -> BlockCorpus:
+    """The run's corpus: a prepared `realm_blocks` dataset, or "synthetic" — the generated
+    knowledge base cut at `data.block_len`, deterministic from its seed."""
+    del tokenizer  # the synthetic corpus uses the config's vocabulary (load_tokenizer)
+    spec = config.data.corpus
+    if spec == "synthetic":
+        return load_synthetic(config).corpus
+    if not spec:
+        raise ValueError("config.data.corpus is empty: name a realm_blocks dataset or 'synthetic'")
+    return BlockCorpus.load(spec)
+
+
+def load_pretrain_sentences(
+    config: ml_collections.ConfigDict, corpus: BlockCorpus | None = None
+) -> Sequence[dict[str, Any]]:
+    """Pre-training examples (`{"text", "spans", "block", "gold_block"}`, random access)."""
+    spec = config.data.get("sentences", "")
+    if not spec:
+        if not is_synthetic(config):
+            raise ValueError("config.data.sentences is empty: name a realm_sentences dataset, "
+                             "a JSONL file, or 'corpus'")
+        splits = tuple(config.data.synthetic.get("pretrain_splits", synthetic.SPLITS))
+        return load_synthetic(config).sentences(splits)
+    if spec == "corpus":
+        return Sentences.from_records(corpus_sentences(corpus or load_corpus(config)))
+    if str(spec).endswith(".jsonl"):
+        return Sentences.from_records(jsonl_sentences(spec))
+    return load_sentences(spec)
+
+
+def load_qa_split(config: ml_collections.ConfigDict, split: str) -> QaSet:
+    """One QA split; synthetic questions carry their gold block."""
+    spec = config.data.get("qa", "")
+    if not spec:
+        if not is_synthetic(config):
+            raise ValueError("config.data.qa is empty: name a realm_qa dataset, a TFDS QA "
+                             "dataset or a JSONL file")
+        if split not in synthetic.SPLITS:
+            raise ValueError(f"split {split!r}; the synthetic KB has {synthetic.SPLITS}")
+        return load_synthetic(config).qa(split)
+    fmt = config.data.get("qa_format", "") or None
+    return load_qa(str(spec).replace("{split}", split), split, fmt=fmt)
