@@ -281,3 +281,37 @@ def answer_spans(
                 if len(free) and not ((starts[i, j] == s) & (ends[i, j] == s + n - 1)).any():
                     starts[i, j, free[0]], ends[i, j, free[0]] = s, s + n - 1
     return starts, ends, (starts >= 0).any(-1)
+
+
+def blocks_with_answer(
+    blocks: TokenizedBlocks,
+    block_ids: np.ndarray,
+    answer_ids: Sequence[Sequence[Sequence[int]]],
+) -> np.ndarray:
+    """Whether each block's body contains one of its question's answers (ORQA's has_answer,
+    on wordpieces: BERT tokenises a word the same way wherever it stands).
+
+    Args:
+      blocks: the corpus's TokenizedBlocks.
+      block_ids: [B, S] retrieved block indices (−1: none).
+      answer_ids: per question, its answers' wordpiece ids.
+    Returns:
+      [B, S] bool; the targets of ORQA's retriever loss and of answer recall@k.
+    """
+    block_ids = np.asarray(block_ids, np.int64)
+    out = np.zeros(block_ids.shape, bool)
+    for i, answers in enumerate(answer_ids):
+        answers = [a for a in answers if len(a)]
+        if not answers:
+            continue
+        ids = block_ids[i]
+        longest = int(np.where(ids < 0, 0, blocks.bodies.lengths[np.maximum(ids, 0)]).max())
+        tokens, lens = blocks.bodies.gather(ids, max(longest, 1))  # [S, T], [S]
+        for ans in answers:
+            n = len(ans)
+            if n > tokens.shape[1]:
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(tokens, n, axis=-1)
+            fits = np.arange(windows.shape[1]) + n <= lens[:, None]  # [S, T - n + 1]
+            out[i] |= ((windows == np.asarray(ans)).all(-1) & fits).any(-1)
+    return out

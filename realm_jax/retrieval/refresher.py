@@ -149,7 +149,9 @@ class Refresher:
         self.progress = progress
         self.published: list[int] = []
 
-    def _refresh(self, step: int, params: Any) -> None:
+    def refresh_with(self, step: int, params: Any) -> None:
+        """Embed the corpus with embedder `params` and publish it as version `step` (the
+        trainer's sync mode calls this in-process)."""
         embeddings = self.embedder(params, self.blocks, progress=self.progress)
         publish_index(self.config, self.workdir, step, embeddings, self.corpus_fp)
         self.published.append(step)
@@ -159,7 +161,7 @@ class Refresher:
         if store.latest_step(self.workdir) is not None:
             return False
         params, _ = initialize.initial_params(self.config, ["embedder"], self.mesh)
-        self._refresh(0, params["embedder"])
+        self.refresh_with(0, params["embedder"])
         return True
 
     def refresh_step(self, step: int) -> bool:
@@ -175,7 +177,7 @@ class Refresher:
             return False
         finally:
             manager.close()
-        self._refresh(step, params)
+        self.refresh_with(step, params)
         return True
 
     def newest_checkpoint(self) -> int | None:

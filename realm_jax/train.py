@@ -1,0 +1,310 @@
+"""REALM pre-training (task=realm_mlm) and ORQA fine-tuning (task=orqa).
+
+    python -m realm_jax.train --config configs/X.py[:arg] --workdir DIR [--config.key=value]
+
+One loop for both tasks (realm_jax.tasks): between steps the host retrieves with the current
+index and builds the joins; the jitted, sharded step computes the task's marginal loss and
+applies AdamW. The index is kept fresh by `retrieval.live.LiveIndex` (refresh modes
+subprocess / external / sync; ORQA's is frozen).
+
+Resume order (STYLE 8): this workdir's newest checkpoint → `config.resume` (another run's
+workdir: its parameters, optimiser state, data position and step) → `config.init.path`
+(pretrained towers, `initialize.initial_params`) → scratch. A checkpoint holds every trained
+tower, the optimiser state, the data iterator's state and the step, so a killed run continues
+bitwise-identically on CPU (same data order, same index versions in sync mode, dropout keys
+folded from the step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from etils import epath
+
+from realm_jax import checkpoints, defaults, initialize, optim, sharding
+from realm_jax.data import loaders
+from realm_jax.data.joins import tokenize_corpus
+from realm_jax.data.pipeline import to_global
+from realm_jax.retrieval.live import LiveIndex
+from realm_jax.retrieval.refresher import Refresher
+from realm_jax.tasks import Task, make_task
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run returns: final parameters, and the logged history (also in metrics.jsonl)."""
+
+    step: int
+    params: dict[str, PyTree]
+    history: list[dict[str, float]]
+    evals: list[dict[str, float]]
+    origin: str  # where the run started from: workdir / resume / init / scratch
+    index_swaps: int
+    wall_s: float
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _shardings(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda a: a.sharding, tree)
+
+
+def _abstract(tree: PyTree, shardings: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
+
+
+def _restore(source: epath.Path, abstract_params: PyTree, abstract_opt: PyTree
+             ) -> tuple[int, dict, PyTree, dict] | None:
+    """(step, params, opt_state, data_state) of `source`'s newest checkpoint, or None."""
+    manager = checkpoints.checkpoint_manager(source, read_only=True)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            return None
+        items = {**abstract_params, "data": None, "meta": None}
+        if jax.tree.leaves(abstract_opt):
+            items["opt_state"] = abstract_opt
+        got = checkpoints.restore_items(manager, step, items)
+    finally:
+        manager.close()
+    params = {t: got[t] for t in abstract_params}
+    return step, params, got.get("opt_state", abstract_opt), got["data"]
+
+
+def init_state(config: ml_collections.ConfigDict, workdir: epath.Path, towers: Sequence[str],
+               mesh, optimizer: optax.GradientTransformation):
+    """Resume order (module docstring) → (params, opt_state, step, data_state, origin)."""
+    rules = tuple(config.rules)
+    cfg = defaults.model_config(config)
+    abstract = initialize.abstract_towers(cfg, towers, mesh, rules)
+    # The optimiser state's layout follows the parameters' (compiled init, nothing computed).
+    compiled = jax.jit(optimizer.init).lower(abstract).compile().output_shardings
+    # Scalars (Adam's count) come back on one device; they belong replicated on the mesh.
+    opt_shardings = jax.tree.map(
+        lambda s: s if isinstance(s, jax.sharding.NamedSharding) else sharding.replicated(mesh),
+        compiled)
+    abstract_opt = _abstract(jax.eval_shape(optimizer.init, abstract), opt_shardings)
+    for origin, source in (("workdir", workdir), ("resume", config.resume)):
+        if not source:
+            continue
+        restored = _restore(epath.Path(source), abstract, abstract_opt)
+        if restored is None:
+            if origin == "resume":
+                raise FileNotFoundError(f"config.resume={source}: no checkpoint in "
+                                        f"{checkpoints.checkpoint_dir(source)}")
+            continue
+        step, params, opt_state, data_state = restored
+        log.info("resumed from %s (%s) at step %d", origin, source, step)
+        return params, opt_state, step, data_state, origin
+    params, _ = initialize.initial_params(config, towers, mesh, cfg)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    origin = f"init:{config.init.path}" if config.init.path else "scratch"
+    return params, opt_state, 0, None, origin
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def make_train_step(task: Task, optimizer: optax.GradientTransformation, param_shardings,
+                    opt_shardings):
+    """The jitted, sharded step: (params, opt_state, inputs, rng) → (params, opt_state,
+    metrics). Parameters and optimiser state are donated: updated in place on device."""
+
+    def step(params, opt_state, inputs, rng):
+        (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(
+            params, inputs, rng)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return params, opt_state, metrics
+
+    return sharding.jit_sharded(
+        step, task.mesh, task.rules,
+        out_shardings=(param_shardings, opt_shardings, sharding.replicated(task.mesh)),
+        donate_argnums=(0, 1))
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard + a progress bar, on process 0 only (STYLE 6)."""
+
+    def __init__(self, workdir: epath.Path, start: int, total: int, progress: bool):
+        self.enabled = jax.process_index() == 0
+        self.bar = self.tb = self.file = None
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            log.warning("tensorboardX missing: no TensorBoard events")
+        self.file = (workdir / "metrics.jsonl").open("a")
+        self.bar = tqdm(total=total, initial=start, unit="step", disable=not progress,
+                        desc="train")
+
+    def write(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def progress(self, n: int, postfix: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        for x in (self.bar, self.tb, self.file):
+            if x is not None:
+                x.close()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: epath.PathLike,
+    *,
+    progress: bool = True,
+    inject_nan_at: int | None = None,
+) -> TrainResult:
+    """Train `config.task` in `workdir` until `config.train.steps`; see module docstring.
+
+    Args:
+      inject_nan_at: test hook: poison the parameters before this step, which must stop the
+        run with a FloatingPointError naming the step (no checkpoint of it is written).
+
+    Raises:
+      FloatingPointError: a non-finite loss or gradient norm, naming the step.
+    """
+    t_start = time.time()
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    c = config
+    if jax.process_index() == 0:
+        defaults.save_resolved(c, workdir)
+    mesh = sharding.make_mesh(dict(c.mesh))
+    tokenizer = loaders.load_tokenizer(c)
+    corpus = loaders.load_corpus(c)
+    blocks = tokenize_corpus(corpus, tokenizer)
+    task = make_task(c, mesh, corpus, blocks, tokenizer)
+    optimizer = optim.make_optimizer(c.train)
+    params, opt_state, step, data_state, origin = init_state(c, workdir, task.towers, mesh,
+                                                             optimizer)
+    train_step = make_train_step(task, optimizer, _shardings(params), _shardings(opt_state))
+    total = int(c.train.steps)
+
+    data = iter(task.dataset(c.seed))
+    if data_state:
+        data.set_state(data_state)
+    manager = checkpoints.checkpoint_manager(workdir, keep=max(c.train.keep_checkpoints, 5))
+    needs_refresher = c.task == "orqa" or c.refresh.mode == "sync"
+    refresher = Refresher(c, workdir, corpus=corpus, progress=False) if needs_refresher else None
+    live = LiveIndex(c, workdir, mesh, corpus_fp=corpus.fingerprint, refresher=refresher,
+                     mode="frozen" if c.task == "orqa" else None)
+    logger = _Logger(workdir, step, total, progress)
+    history: list[dict[str, float]] = []
+    evals: list[dict[str, float]] = []
+    meta = {"task": c.task, "origin": origin}
+    try:
+        live.start(step, params)
+        log.info("training %s from step %d (%s) to %d", c.task, step, origin, total)
+        t_last, steps_since = time.time(), 0
+        while step < total:
+            live.before_step(step, params)
+            batch = next(data)
+            host_inputs, host_metrics = task.prepare(batch, params, live.searcher)
+            inputs = to_global(host_inputs, mesh, task.rules)
+            if inject_nan_at is not None and step == inject_nan_at:
+                params = jax.tree.map(lambda x: x * jnp.nan, params)
+            rng = jax.random.fold_in(jax.random.key(c.seed), step)
+            params, opt_state, metrics = train_step(params, opt_state, inputs, rng)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                raise FloatingPointError(
+                    f"non-finite loss {metrics['loss']} (grad norm {metrics['grad_norm']}) at "
+                    f"step {step}; the last good checkpoint is {manager.latest_step()} in "
+                    f"{checkpoints.checkpoint_dir(workdir)}")
+            metrics.update(host_metrics, index_step=live.searcher.step,
+                           staleness_steps=live.staleness(step), index_swaps=live.swaps)
+            step += 1
+            steps_since += 1
+            history.append({"step": step, **metrics})
+            if step % c.train.checkpoint_every == 0 or step == total:
+                checkpoints.save_train_state(manager, step, params, opt_state, data.get_state(),
+                                             {**meta, "index_step": live.searcher.step})
+            if step % c.train.log_every == 0 or step == total:
+                now = time.time()
+                metrics["steps_per_s"] = steps_since / max(now - t_last, 1e-9)
+                metrics["examples_per_s"] = metrics["steps_per_s"] * c.train.batch_size
+                t_last, steps_since = now, 0
+                logger.write(step, metrics)
+            logger.progress(1, {"loss": f"{metrics['loss']:.3f}",
+                                "stale": metrics["staleness_steps"], "v": live.searcher.step})
+            every = c.eval.every_steps or (c.orqa.eval_every if c.task == "orqa" else 0)
+            if (every and step % every == 0) or step == total:
+                result = task.evaluate(params, live.searcher)
+                if result:
+                    evals.append({"step": step, **result})
+                    logger.write(step, result, kind="eval")
+                    log.info("step %d eval: %s", step, result)
+        manager.wait_until_finished()
+    finally:
+        live.close()
+        manager.close()
+        logger.close()
+    return TrainResult(step, params, history, evals, origin, live.swaps, time.time() - t_start)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    from absl import flags
+
+    if flags.FLAGS.multihost or os.environ.get("REALM_MULTIHOST") == "1":
+        jax.distributed.initialize()
+    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    if jax.process_index() == 0:
+        last = result.history[-1] if result.history else {}
+        print(json.dumps({"step": result.step, "origin": result.origin,
+                          "loss": last.get("loss"), "evals": result.evals[-1:],
+                          "index_swaps": result.index_swaps, "wall_s": round(result.wall_s, 1)}))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config (configs/x.py[:arg]).")
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, index/, logs.")
+    flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (a pod).")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
