@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=512, steps=200_000, lr=3e-5, weight_decay=0.01, grad_clip=1.0,
         checkpoint_every=1000, keep_checkpoints=5, log_every=50,
         warmup_steps=-1,  # -1: min(10000, max(100, steps / 10)) as the released code
+        lr_scale={},  # per-tower learning-rate multipliers, e.g. {"embedder": 0.1}
         mlm_variant="per_token",  # "per_token" (released code) | "per_sequence" (paper text)
     ))
     # Held-out evaluation during training: gold-block recall@k of the QA split's questions

@@ -37,11 +37,27 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """From `config.train`: lr, steps, warmup_steps, weight_decay, grad_clip."""
-    schedule = learning_rate(train.lr, train.steps, warmup_steps(train.steps, train.warmup_steps))
-    parts = []
+    """From `config.train`: lr, steps, warmup_steps, weight_decay, grad_clip, lr_scale.
+
+    `lr_scale` maps a tower name to a learning-rate multiplier (default 1): e.g. a retriever
+    that must not drift while a freshly initialised MLM head still gives it noisy gradients.
+    Parameters are `{tower: tree}` dicts, so the scale is applied per top-level key.
+    """
+    warmup = warmup_steps(train.steps, train.warmup_steps)
+
+    def adamw(scale: float) -> optax.GradientTransformation:
+        return optax.adamw(learning_rate(train.lr * scale, train.steps, warmup), b1=0.9,
+                           b2=0.999, eps=1e-6, weight_decay=train.weight_decay,
+                           mask=decay_mask)
+
+    scales = dict(train.get("lr_scale", {}) or {})
+    if scales:
+        inner = optax.multi_transform(
+            {"default": adamw(1.0), **{t: adamw(float(s)) for t, s in scales.items()}},
+            lambda params: {t: jax.tree.map(lambda _, t=t: t if t in scales else "default", p)
+                            for t, p in params.items()})
+    else:
+        inner = adamw(1.0)
     if train.grad_clip:
-        parts.append(optax.clip_by_global_norm(train.grad_clip))
-    parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-6,
-                             weight_decay=train.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+        return optax.chain(optax.clip_by_global_norm(train.grad_clip), inner)
+    return inner

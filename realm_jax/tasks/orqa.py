@@ -114,5 +114,5 @@ class Orqa(Task):
         realm = Realm(self.config, params, searcher, corpus=self.corpus, blocks=self.blocks,
                       tokenizer=self.tokenizer, mesh=self.mesh)
         metrics, _ = evaluate_qa(realm, qa, batch_size=c.batch_size, k=self.reader_beam,
-                                 max_examples=c.max_examples or None)
+                                 max_examples=c.max_examples)
         return {k: float(v) for k, v in metrics.items() if np.isscalar(v)}
