@@ -13,7 +13,8 @@ Why these sizes (budget: ~170 GFLOP/s of float32 matmul on 2 cores; MiniLM-L6 co
 22 MFLOP per token forward): blocks of 32 wordpieces cut the ~1,100 generated pages into
 ~10k blocks of one or two sentences each, so a full re-embedding is ~7 TFLOP (≈ 40–60 s,
 while training shares the cores) and several refreshes fit into the pre-training minutes;
-k = 5 candidates (null + 4) of 32 + 32-wordpiece joins keep a step of 16 queries at ~2 s.
+k = 5 candidates (null + 4) of 32 + 32-wordpiece joins keep a step of 16 queries at ~3 s;
+100 pre-training steps with a checkpoint every 25 give the refresher 3–4 refreshes.
 MiniLM's mean pooling without a projection keeps its pretrained retrieval quality at step 0.
 """
 
@@ -38,7 +39,7 @@ def get_config(arg: str | None = None):
     # MiniLM ships no MLM head: the encoder's head starts random and its early gradients to the
     # retriever are noise, which Adam turns into full-size steps. A 10× smaller retriever rate
     # keeps MiniLM's embedding geometry while the encoder learns to copy from the blocks.
-    c.train.update(batch_size=16, steps=150, lr=3e-4, warmup_steps=15, checkpoint_every=25,
+    c.train.update(batch_size=16, steps=100, lr=3e-4, warmup_steps=15, checkpoint_every=25,
                    keep_checkpoints=5, log_every=5, lr_scale={"embedder": 0.1})
     c.eval.update(every_steps=25, split="dev", recall_k=5, batch_size=64)
     c.orqa.update(searcher_beam_size=40, reader_beam_size=4, eval_every=50)
@@ -49,7 +50,10 @@ def get_config(arg: str | None = None):
     elif arg == "orqa":
         c.task = "orqa"
         c.init.path = ""  # set to the pre-training workdir
-        c.train.update(batch_size=16, steps=120, lr=5e-5, warmup_steps=12, checkpoint_every=40)
+        c.train.update(batch_size=16, steps=80, lr=5e-5, warmup_steps=8, checkpoint_every=40,
+                       lr_scale={})
+        c.eval.every_steps = 0  # dev EM once, at the end (the demo's table reports it)
+        c.orqa.eval_every = 0
     elif arg not in (None, "", "pretrain"):
         raise ValueError(f"configs/demo_cpu.py: unknown arg {arg!r} (pretrain|norefresh|orqa)")
     return c

@@ -439,6 +439,11 @@ TOWERS = ("embedder", "query_embedder", "encoder", "reader")
 STATE_ITEMS = ("opt_state", "data", "meta")
 
 
+def absolute(path: epath.PathLike) -> epath.Path:
+    """A local path made absolute (orbax refuses relative ones); gs:// and other URLs as is."""
+    return epath.Path(path) if "://" in str(path) else epath.Path(path).resolve()
+
+
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
     return epath.Path(workdir) / CHECKPOINT_DIR
 

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from realm_jax import checkpoints, sharding
+from realm_jax import checkpoints, multihost, sharding
 from realm_jax.models.config import RealmModelConfig
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,10 @@ def initial_params(
             continue
         src = checkpoints.minilm_path() if path == "minilm" else path
         _, pretrained = checkpoints.load_pretrained(src)
-        host = jax.device_get(params) if host is None else host
+        # gather/put_global rather than device_get/device_put: on a pod the parameters span
+        # other hosts' devices, and every host holds the same pretrained weights.
+        host = multihost.gather(params) if host is None else host
         host.update(pretrained_towers(pretrained, which, host))
     if host is None:
         return params, shardings
-    return sharding.shard_like(host, shardings), shardings
+    return jax.tree.map(multihost.put_global, host, shardings), shardings

@@ -13,6 +13,16 @@ workdir: its parameters, optimiser state, data position and step) → `config.in
 tower, the optimiser state, the data iterator's state and the step, so a killed run continues
 bitwise-identically on CPU (same data order, same index versions in sync mode, dropout keys
 folded from the step).
+
+Multi-host (a TPU pod: `--multihost`, one process per host): every host runs this loop over one
+global mesh. Each host reads its rows of every global batch (`data.pipeline`: the same global
+batches whatever the number of hosts), retrieves for them (`tasks.common.search_host_rows`:
+exact search is a collective over all hosts' queries), and contributes them to global arrays
+(`to_global`). Every collective (the step, search, index refresh, checkpoint save) is entered
+by all hosts in the same order; decisions that gate one come from the primary
+(`realm_jax.multihost`). Only the primary writes config.json, metrics and TensorBoard; orbax
+writes checkpoints from all hosts; the primary alone publishes in-process index versions.
+Host-side metrics (e.g. `gold_recall_at_k`) are averaged over hosts, the rest are global.
 """
 
 from __future__ import annotations
@@ -21,7 +31,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,10 +38,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from etils import epath
 
-from realm_jax import checkpoints, defaults, initialize, optim, sharding
+from realm_jax import checkpoints, defaults, initialize, multihost, optim, sharding
 from realm_jax.data import loaders
 from realm_jax.data.joins import tokenize_corpus
 from realm_jax.data.pipeline import to_global
@@ -87,19 +97,26 @@ def _restore(source: epath.Path, abstract_params: PyTree, abstract_opt: PyTree
     return step, params, got.get("opt_state", abstract_opt), got["data"]
 
 
-def init_state(config: ml_collections.ConfigDict, workdir: epath.Path, towers: Sequence[str],
-               mesh, optimizer: optax.GradientTransformation):
-    """Resume order (module docstring) → (params, opt_state, step, data_state, origin)."""
-    rules = tuple(config.rules)
-    cfg = defaults.model_config(config)
-    abstract = initialize.abstract_towers(cfg, towers, mesh, rules)
+def abstract_train_state(config: ml_collections.ConfigDict, towers: Sequence[str], mesh,
+                         optimizer: optax.GradientTransformation) -> tuple[PyTree, PyTree]:
+    """ShapeDtypeStructs with shardings of (params, opt_state), nothing allocated: the
+    restore targets, and the train step's arguments for AOT compilation (benchmarks/aot.py)."""
+    abstract = initialize.abstract_towers(defaults.model_config(config), towers, mesh,
+                                          tuple(config.rules))
     # The optimiser state's layout follows the parameters' (compiled init, nothing computed).
     compiled = jax.jit(optimizer.init).lower(abstract).compile().output_shardings
     # Scalars (Adam's count) come back on one device; they belong replicated on the mesh.
     opt_shardings = jax.tree.map(
         lambda s: s if isinstance(s, jax.sharding.NamedSharding) else sharding.replicated(mesh),
         compiled)
-    abstract_opt = _abstract(jax.eval_shape(optimizer.init, abstract), opt_shardings)
+    return abstract, _abstract(jax.eval_shape(optimizer.init, abstract), opt_shardings)
+
+
+def init_state(config: ml_collections.ConfigDict, workdir: epath.Path, towers: Sequence[str],
+               mesh, optimizer: optax.GradientTransformation):
+    """Resume order (module docstring) → (params, opt_state, step, data_state, origin)."""
+    cfg = defaults.model_config(config)
+    abstract, abstract_opt = abstract_train_state(config, towers, mesh, optimizer)
     for origin, source in (("workdir", workdir), ("resume", config.resume)):
         if not source:
             continue
@@ -113,7 +130,7 @@ def init_state(config: ml_collections.ConfigDict, workdir: epath.Path, towers: S
         log.info("resumed from %s (%s) at step %d", origin, source, step)
         return params, opt_state, step, data_state, origin
     params, _ = initialize.initial_params(config, towers, mesh, cfg)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    opt_state = jax.jit(optimizer.init, out_shardings=_shardings(abstract_opt))(params)
     origin = f"init:{config.init.path}" if config.init.path else "scratch"
     return params, opt_state, 0, None, origin
 
@@ -140,14 +157,27 @@ def make_train_step(task: Task, optimizer: optax.GradientTransformation, param_s
         donate_argnums=(0, 1))
 
 
+def _mean_over_hosts(metrics: dict[str, float]) -> dict[str, float]:
+    """Host-side metrics (means over each host's rows, the same keys everywhere) → their mean
+    over hosts; NaN (nothing measured) is ignored, and a metric NaN on every host dropped."""
+    keys = sorted(metrics)
+    if not keys:
+        return {}
+    per_host = multihost.gather(np.array([[metrics[k] for k in keys]], np.float32))  # [P, K]
+    measured = ~np.isnan(per_host)
+    sums = np.where(measured, per_host, 0.0).sum(0)
+    return {k: float(sums[i] / measured[:, i].sum()) for i, k in enumerate(keys)
+            if measured[:, i].any()}
+
+
 # --------------------------------------------------------------------------- logging
 
 
 class _Logger:
-    """metrics.jsonl + TensorBoard + a progress bar, on process 0 only (STYLE 6)."""
+    """metrics.jsonl + TensorBoard + a progress bar, on the primary process only (STYLE 6)."""
 
     def __init__(self, workdir: epath.Path, start: int, total: int, progress: bool):
-        self.enabled = jax.process_index() == 0
+        self.enabled = multihost.is_primary()
         self.bar = self.tb = self.file = None
         if not self.enabled:
             return
@@ -204,10 +234,10 @@ def train(
       FloatingPointError: a non-finite loss or gradient norm, naming the step.
     """
     t_start = time.time()
-    workdir = epath.Path(workdir)
+    workdir = checkpoints.absolute(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     c = config
-    if jax.process_index() == 0:
+    if multihost.is_primary():
         defaults.save_resolved(c, workdir)
     mesh = sharding.make_mesh(dict(c.mesh))
     tokenizer = loaders.load_tokenizer(c)
@@ -221,6 +251,8 @@ def train(
     total = int(c.train.steps)
 
     data = iter(task.dataset(c.seed))
+    # The iterator state counts global batches ({"next_index": t}), the same on every host and
+    # for any number of hosts, so the primary's copy in the checkpoint resumes them all.
     if data_state:
         data.set_state(data_state)
     manager = checkpoints.checkpoint_manager(workdir, keep=max(c.train.keep_checkpoints, 5))
@@ -240,6 +272,7 @@ def train(
             live.before_step(step, params)
             batch = next(data)
             host_inputs, host_metrics = task.prepare(batch, params, live.searcher)
+            host_metrics = _mean_over_hosts(host_metrics)
             inputs = to_global(host_inputs, mesh, task.rules)
             if inject_nan_at is not None and step == inject_nan_at:
                 params = jax.tree.map(lambda x: x * jnp.nan, params)
@@ -289,10 +322,9 @@ def main(argv: Sequence[str]) -> None:
     del argv
     from absl import flags
 
-    if flags.FLAGS.multihost or os.environ.get("REALM_MULTIHOST") == "1":
-        jax.distributed.initialize()
+    multihost.initialize(flags.FLAGS.multihost)  # also REALM_MULTIHOST=1 (launch/tpu_pod.sh)
     result = train(flags.FLAGS.config, flags.FLAGS.workdir)
-    if jax.process_index() == 0:
+    if multihost.is_primary():
         last = result.history[-1] if result.history else {}
         print(json.dumps({"step": result.step, "origin": result.origin,
                           "loss": last.get("loss"), "evals": result.evals[-1:],

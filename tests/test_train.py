@@ -159,11 +159,13 @@ def test_killed_run_resumes_bitwise(tmp_path, eight_devices):
 
 
 @pytest.mark.slow
-def test_refresher_subprocess_swaps_are_picked_up(tmp_path, eight_devices):
+def test_refresher_subprocess_swaps_are_picked_up(tmp_path, eight_devices, monkeypatch):
     config = tiny(**{"refresh.mode": "subprocess", "train.steps": 6,
                      "refresh.max_staleness_steps": 2, "refresh.poll_interval_s": 0.2,
                      "refresh.wait_timeout_s": 300.0})
-    result = train(config, tmp_path, progress=False)
+    monkeypatch.chdir(tmp_path)  # a relative workdir: orbax in the child refuses those
+    result = train(config, "run", progress=False)
+    tmp_path = tmp_path / "run"
     stale = [h["staleness_steps"] for h in result.history]
     index_steps = [h["index_step"] for h in result.history]
     assert max(stale) <= 2, stale  # max_staleness_steps held

@@ -1,17 +1,23 @@
 """grain loaders for pre-training and QA batches, sharded per host, resumable from a checkpoint.
 
-The pipeline shuffles *indices*, not records: `MapDataset.range(N)` → this host's shard →
-global shuffle (re-seeded every epoch) → batches of indices → one vectorised function that
-reads, tokenises and masks a whole batch. That keeps the state of an iterator a small dict
-(`{"next_index": n}`), JSON-serialisable for the orbax checkpoint, and makes batch t a pure
-function of (seed, t, shard): the same seed gives the same batches, and a restored iterator
-continues exactly where the saved one stopped.
+The pipeline shuffles *indices*, not records: `MapDataset.range(N)` → global shuffle
+(re-seeded every epoch) → global batches of indices → this host's slice of each batch → one
+vectorised function that reads, tokenises and masks the host's rows. That keeps the state of an
+iterator a small dict (`{"next_index": t}`), JSON-serialisable for the orbax checkpoint, and
+makes global batch t a pure function of (seed, t): the same seed gives the same batches, and a
+restored iterator continues exactly where the saved one stopped.
 
-Each host reads its own shard (`jax.process_index()` of `jax.process_count()` by default),
-the same number of batches on every host (remainders are dropped in training and padded
-with weight-0 rows in evaluation), so no host waits in a collective for another.
-`to_global` turns the per-host numpy batch into global jax Arrays with
-`jax.make_array_from_process_local_data`.
+Multi-host: slicing *after* the global shuffle (rather than giving each host a strided shard to
+shuffle on its own) makes the global batch independent of the number of hosts, and masking
+draws each row's randomness from the batch's seed and the row's global position. So 2 hosts × 4
+devices train on exactly the batches of 1 host × 8 devices, and a checkpoint written by one
+topology resumes on another with the same data order. Each host still reads and tokenises only
+its own `batch / hosts` rows, every host yields the same number of batches (remainders are
+dropped in training and padded with weight-0 rows in evaluation), so no host waits in a
+collective for another. Which slice is a host's comes from the mesh (`mesh_shard`: where
+`jax.make_array_from_process_local_data` puts its rows), or `jax.process_index()` of
+`jax.process_count()` by default. `to_global` turns the per-host numpy batch into global jax
+Arrays.
 
 Pre-training batch (B = per-host batch, Lq = query_len, M = max_masks):
   query_ids, query_mask, query_types  [B, Lq] int32   `[CLS] masked q [SEP]`
@@ -41,6 +47,7 @@ import jax
 import numpy as np
 from grain.sharding import ShardByJaxProcess, ShardOptions
 
+from realm_jax import multihost
 from realm_jax import sharding as sharding_lib
 from realm_jax.data import masking as masking_lib
 from realm_jax.data.tokenizer import WordPiece
@@ -62,6 +69,9 @@ class PretrainBatcher:
     max_masks: int = 10
     masking: str = "salient"
     tagger: masking_lib.Tagger | None = None  # for examples stored without spans
+    # Global position of this host's first row in every batch: row i masks with a generator
+    # keyed by (batch seed, first_row + i), so masks do not depend on the split over hosts.
+    first_row: int = 0
 
     def __post_init__(self):
         if self.masking not in MASKINGS:
@@ -76,6 +86,7 @@ class PretrainBatcher:
         records = _get_many(self.source, indices)
         encoded = tok.tokenize_with_offsets([r["text"] for r in records])
         b = len(records)
+        batch_seed = int(rng.integers(2**63))  # the same on every host for this batch
         out = {
             "query_ids": np.full((b, lq), tok.pad_id, np.int32),
             "query_mask": np.zeros((b, lq), np.int32),
@@ -96,6 +107,7 @@ class PretrainBatcher:
             n = len(q) + 2
             row = np.full(lq, tok.pad_id, np.int32)
             row[0], row[1: n - 1], row[n - 1] = tok.cls_id, q, tok.sep_id
+            rng = np.random.default_rng((batch_seed, self.first_row + i))
             masked = self._mask(row, n, rec, offsets, rng)
             if masked is None:
                 out["fallback"][i] = True
@@ -173,6 +185,28 @@ def _per_host(batch_size: int, shard: ShardOptions) -> int:
     return batch_size // shard.shard_count
 
 
+def _host_slice(global_batches: grain.MapDataset, shard: ShardOptions, per_host: int
+                ) -> grain.MapDataset:
+    """Global batches of indices → this host's rows of each (see module docstring)."""
+    lo = shard.shard_index * per_host
+    return global_batches.map(lambda idx: idx[lo: lo + per_host])
+
+
+def mesh_shard(mesh: jax.sharding.Mesh,
+               rules: Sequence[tuple[str, Any]] = sharding_lib.DEFAULT_RULES) -> ShardOptions:
+    """This host's slice of a global batch laid out on `mesh`, as grain ShardOptions.
+
+    It is where `jax.make_array_from_process_local_data` puts the host's rows, so the rows a
+    host reads are the rows its devices hold. On one host: (0, 1). If the batch axes do not
+    span hosts (e.g. `model` across hosts), every host reads the whole batch (0, 1).
+    """
+    shards = sharding_lib.mesh_batch_size(mesh, rules)
+    rows = multihost.process_rows(sharding_lib.batch_sharding(mesh, 1, rules), (shards,))
+    per = rows.stop - rows.start
+    return ShardOptions(shard_index=rows.start // per, shard_count=shards // per,
+                        drop_remainder=True)
+
+
 def _read_options(num_threads: int, prefetch: int) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
 
@@ -196,7 +230,8 @@ def pretrain_dataset(
     num_threads: int = 2,
     prefetch: int = 4,
 ) -> grain.IterDataset:
-    """Shuffled pre-training batches of this host's shard (`batch_size` is global).
+    """Shuffled pre-training batches: this host's rows of each global batch (`batch_size` is
+    global; see the module docstring).
 
     Iterate with `it = iter(ds)`; `it.get_state()` / `it.set_state(state)` save and restore
     the position (a JSON-serialisable dict). `num_epochs=None` repeats forever, each epoch in
@@ -205,14 +240,13 @@ def pretrain_dataset(
     shard = _shard(shard)
     per_host = _per_host(batch_size, shard)
     n = len(source)
-    usable = n - n % shard.shard_count if shard.drop_remainder else n
-    ds = grain.MapDataset.range(usable)[shard.shard_index:: shard.shard_count]
-    if len(ds) < per_host:
-        raise ValueError(f"{len(ds)} examples on this host, fewer than one batch of {per_host}")
-    batcher = PretrainBatcher(source, tokenizer, query_len, max_masks, masking, tagger)
-    ds = (ds.shuffle(seed=_seed(seed)).repeat(num_epochs)
-          .batch(per_host, drop_remainder=True)
-          .random_map(batcher, seed=_seed(seed + 1)))
+    if n < batch_size:
+        raise ValueError(f"{n} examples, fewer than one batch of {batch_size}")
+    batcher = PretrainBatcher(source, tokenizer, query_len, max_masks, masking, tagger,
+                              first_row=shard.shard_index * per_host)
+    ds = (grain.MapDataset.range(n).shuffle(seed=_seed(seed)).repeat(num_epochs)
+          .batch(batch_size, drop_remainder=True))
+    ds = _host_slice(ds, shard, per_host).random_map(batcher, seed=_seed(seed + 1))
     return ds.to_iter_dataset(_read_options(num_threads, prefetch))
 
 
@@ -228,10 +262,10 @@ def qa_dataset(
     num_threads: int = 2,
     prefetch: int = 4,
 ) -> grain.IterDataset:
-    """QA batches of this host's shard (`batch_size` is global).
+    """QA batches: this host's rows of each global batch (`batch_size` is global).
 
     train=True: shuffled, repeated forever, remainders dropped. train=False (evaluation):
-    one pass in order over every example, the last batches padded with weight-0 rows so
+    one pass in order over every example, the last batch padded with weight-0 rows so
     every host yields the same number of batches.
     """
     shard = _shard(shard)
@@ -239,15 +273,13 @@ def qa_dataset(
     n = len(qa)
     batcher = QaBatcher(qa, tokenizer, question_len)
     if train:
-        usable = n - n % shard.shard_count
-        ds = grain.MapDataset.range(usable)[shard.shard_index:: shard.shard_count]
-        if len(ds) < per_host:
-            raise ValueError(f"{len(ds)} questions on this host, fewer than one batch")
-        ds = ds.shuffle(seed=_seed(seed)).repeat(None).batch(per_host, drop_remainder=True)
+        if n < batch_size:
+            raise ValueError(f"{n} questions, fewer than one batch of {batch_size}")
+        ds = grain.MapDataset.range(n).shuffle(seed=_seed(seed)).repeat(None)
     else:
         total = -(-n // batch_size) * batch_size  # every host: the same number of batches
-        ds = grain.MapDataset.range(total)[shard.shard_index:: shard.shard_count]
-        ds = ds.map(lambda i: i if i < n else -1).batch(per_host, drop_remainder=True)
+        ds = grain.MapDataset.range(total).map(lambda i: i if i < n else -1)
+    ds = _host_slice(ds.batch(batch_size, drop_remainder=True), shard, per_host)
     return ds.map(batcher).to_iter_dataset(_read_options(num_threads, prefetch))
 
 

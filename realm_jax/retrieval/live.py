@@ -13,6 +13,13 @@ Modes (`config.refresh.mode`):
 
 With `refresh.max_staleness_steps > 0`, `before_step` blocks until the index is at most that
 many steps behind (the paper's ablation shows a 30× staler index costs 10 EM points).
+
+Multi-host: every host searches the same version, swapped in at the same step, because exact
+search runs over a table sharded on all hosts' devices (and a mix of versions would make the
+logged `index_step` a lie for ScaNN). So the primary's view decides: which version exists
+(sync, frozen) or which one its watcher holds (external); every host then loads that version
+from the store, and if any host cannot, all keep the current one. In-process refreshes publish
+from the primary only (`Refresher.refresh_with`). `subprocess` mode is single-machine only.
 """
 
 from __future__ import annotations
@@ -23,15 +30,30 @@ import sys
 import time
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 from etils import epath
 
+from realm_jax import multihost
 from realm_jax.retrieval import store
 from realm_jax.retrieval.searcher import Searcher, open_searcher
 from realm_jax.retrieval.watcher import IndexWatcher
 
 log = logging.getLogger(__name__)
 MODES = ("subprocess", "external", "sync", "frozen")
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it when the trainer dies, even by kill -9, so no
+    orphaned refresher keeps embedding for a dead run."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the trainer's close() still stops it
+        pass
 
 
 class LiveIndex:
@@ -55,6 +77,10 @@ class LiveIndex:
         self.mode = mode or config.refresh.mode
         if self.mode not in MODES:
             raise ValueError(f"refresh.mode={self.mode!r}; accepted: {MODES[:3]}")
+        if self.mode == "subprocess" and jax.process_count() > 1:
+            raise ValueError("refresh.mode=subprocess starts a refresher on this machine; on "
+                             f"{jax.process_count()} hosts run it as its own job "
+                             "(refresh.mode=external, launch/tpu_pod.sh refresh)")
         if self.mode in ("sync", "frozen") and refresher is None:
             raise ValueError(f"refresh mode {self.mode} embeds in-process: pass a refresher")
         self.refresher = refresher
@@ -81,15 +107,17 @@ class LiveIndex:
         """
         if self.mode == "frozen":
             self.refresher.cold_start()  # no-op if the run already has its index
-            self._use(store.load_latest(self.workdir, self.expect))
+            latest = multihost.agree(store.latest_step(self.workdir))
+            if latest is None:
+                raise FileNotFoundError(f"{self.workdir / store.INDEX_DIR}: no index after the "
+                                        "cold start")
+            self._use(store.load_version(self.workdir, latest, self.expect))
         elif self.mode == "sync":
             due = step - step % self.every if self.every > 0 else 0
-            try:
-                version = store.load_version(self.workdir, due, self.expect)
-            except FileNotFoundError:
+            if not multihost.agree(store.version_path(self.workdir, due).exists()):
                 self._publish(step, params)
-                version = store.load_version(self.workdir, step, self.expect)
-            self._use(version)
+                due = step
+            self._use(store.load_version(self.workdir, due, self.expect))
         else:
             if self.mode == "subprocess":
                 self._spawn()
@@ -131,9 +159,7 @@ class LiveIndex:
         if self.mode == "subprocess":
             self._supervise()
         before = self.searcher.step
-        swapped = self._watcher.maybe_swap()
-        if swapped is not None:
-            self._use(swapped)
+        self._follow_primary()
         if self.max_staleness > 0 and step - self.searcher.step > self.max_staleness:
             t0 = time.monotonic()
             log.info("step %d: index v%d is %d steps behind (max %d): waiting", step,
@@ -154,6 +180,35 @@ class LiveIndex:
         log.info("index: searching v%d (%s, %d blocks)", version.step, self.searcher.engine,
                  version.num_blocks)
 
+    def _follow_primary(self) -> None:
+        """Swap in the version the primary's watcher holds, on every host (module docstring).
+
+        On one host: the watcher's newest loaded version. Each host's watcher loads versions
+        in the background, so usually a host already holds the agreed one; otherwise it loads
+        it now. If any host fails to, every host keeps the current version.
+        """
+        self._watcher.maybe_swap()
+        held = self._watcher.current
+        target = multihost.agree(-1 if held is None else held.step)
+        if target < 0 or (self.searcher is not None and target == self.searcher.step):
+            return
+        version, error = held, None
+        if held is None or held.step != target:
+            try:
+                version = store.load_version(self.workdir, target, self.expect)
+            except (FileNotFoundError, store.IndexStoreError) as e:
+                version, error = None, f"{type(e).__name__}: {e}"
+        failed = multihost.gather(np.array([version is None]))
+        if failed.any():
+            current = None if self.searcher is None else self.searcher.step
+            log.warning("index: keeping v%s; v%d could not be loaded on hosts %s (%s)", current,
+                        target, np.flatnonzero(failed).tolist(), error or "see their logs")
+            if self.searcher is None:
+                raise RuntimeError(f"no index to start from: v{target} failed on hosts "
+                                   f"{np.flatnonzero(failed).tolist()}")
+            return
+        self._use(version)
+
     def _publish(self, step: int, params: dict[str, Any] | None) -> None:
         if params is None or "embedder" not in params:
             raise ValueError("sync refresh needs the embedder's parameters")
@@ -165,7 +220,7 @@ class LiveIndex:
             if self.mode == "subprocess":
                 self._supervise()
             try:
-                version = self._watcher.wait_for(min_step, min(5.0, self.timeout))
+                self._watcher.wait_for(min_step, min(5.0, self.timeout))
                 break
             except TimeoutError:
                 if time.monotonic() > deadline:
@@ -175,8 +230,7 @@ class LiveIndex:
                         + (f"; refresher log: {self._log_path}" if self._child else
                            "; is the refresher job running against this workdir?") + ")"
                     ) from None
-        if self.searcher is None or version.step != self.searcher.step:
-            self._use(version)
+        self._follow_primary()  # the primary has waited too: its version is >= min_step
 
     @property
     def _log_path(self) -> epath.Path:
@@ -189,7 +243,8 @@ class LiveIndex:
             self._log_file = self._log_path.open("a")
         self._log_file.write(f"--- {time.strftime('%H:%M:%S')} starting: {' '.join(cmd)}\n")
         self._log_file.flush()
-        self._child = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self._child = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                       preexec_fn=_die_with_parent)
         log.info("refresher started (pid %d), log: %s", self._child.pid, self._log_path)
 
     def _supervise(self) -> None:

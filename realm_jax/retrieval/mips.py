@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from realm_jax import multihost
 from realm_jax import sharding as sharding_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -350,10 +351,10 @@ class ExactIndex:
             rows_per_shard = -(-rows_per_shard // chunk_rows) * chunk_rows
         padded = np.zeros((num_shards * rows_per_shard, d), np.float32)  # [N_padded, d]
         padded[:n] = host
-        # Cast on the host so a bf16 table never exists as f32 on device.
-        placed = jax.device_put(
-            padded.astype(_DTYPES[dtype]), table_sharding(mesh, rules)
-        )
+        # Cast on the host so a bf16 table never exists as f32 on device. On a pod every host
+        # holds the whole table and each device copies only its rows (`put_global`; device_put
+        # would first all-gather the table to check the hosts agree).
+        placed = multihost.put_global(padded.astype(_DTYPES[dtype]), table_sharding(mesh, rules))
         return cls(placed, n, mesh, rules, use_approx, recall_target, chunk_rows)
 
     @property

@@ -23,12 +23,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from etils import epath
 
-from realm_jax import checkpoints, defaults, initialize, sharding
+from realm_jax import checkpoints, defaults, initialize, multihost, sharding
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.joins import TokenizedBlocks, tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
@@ -80,7 +79,8 @@ class BlockEmbedder:
         bar = tqdm(batches, total=-(-n // self.batch_size), unit="batch", disable=not progress,
                    desc="embedding blocks")
         for enc in bar:
-            arrays = [jax.device_put(a, self._in) for a in
+            # Every host holds the same batch; each device embeds its rows of it.
+            arrays = [multihost.put_global(a, self._in) for a in
                       (enc.input_ids, enc.attention_mask, enc.token_type_ids)]
             out.append(np.asarray(self._embed(params, *arrays)))
         embeddings = np.concatenate(out)[:n].astype(np.float32)
@@ -136,7 +136,7 @@ class Refresher:
         corpus: BlockCorpus | None = None, progress: bool = True,
     ):
         self.config = config
-        self.workdir = epath.Path(workdir)
+        self.workdir = checkpoints.absolute(workdir)
         self.mesh = sharding.make_mesh(dict(config.mesh))
         tokenizer = load_tokenizer(config)
         self.corpus = load_corpus(config, tokenizer) if corpus is None else corpus
@@ -151,14 +151,22 @@ class Refresher:
 
     def refresh_with(self, step: int, params: Any) -> None:
         """Embed the corpus with embedder `params` and publish it as version `step` (the
-        trainer's sync mode calls this in-process)."""
+        trainer's sync mode calls this in-process).
+
+        On several hosts every host embeds (a collective: each device its rows of every batch,
+        gathered everywhere), the primary alone publishes (one writer per store, DESIGN §4),
+        and all return only once the version is on disk, so each may load it at once.
+        """
         embeddings = self.embedder(params, self.blocks, progress=self.progress)
-        publish_index(self.config, self.workdir, step, embeddings, self.corpus_fp)
+        if multihost.is_primary():
+            publish_index(self.config, self.workdir, step, embeddings, self.corpus_fp)
+        multihost.barrier(f"realm_index_published_v{step}")
         self.published.append(step)
 
     def cold_start(self) -> bool:
         """Publish version 0 from the initial embedder if no index exists yet."""
-        if store.latest_step(self.workdir) is not None:
+        # The primary's view decides: embedding is a collective that all hosts enter or none.
+        if multihost.agree(store.latest_step(self.workdir) is not None):
             return False
         params, _ = initialize.initial_params(self.config, ["embedder"], self.mesh)
         self.refresh_with(0, params["embedder"])
@@ -166,26 +174,34 @@ class Refresher:
 
     def refresh_step(self, step: int) -> bool:
         """Re-embed with checkpoint `step`'s embedder; False (logged) if it cannot be read."""
-        latest = store.latest_step(self.workdir)
+        latest = multihost.agree(store.latest_step(self.workdir))
         if latest is not None and step <= latest:
             return False
         manager = checkpoints.checkpoint_manager(self.workdir, read_only=True)
+        params, error = None, None
         try:
             params = checkpoints.restore_items(manager, step, self._abstract)["embedder"]
         except Exception as e:  # noqa: BLE001  deleted / half-written: the next one supersedes
-            log.warning("skipping checkpoint %d: %s: %s", step, type(e).__name__, e)
-            return False
+            error = f"{type(e).__name__}: {e}"
         finally:
             manager.close()
+        # Hosts go on to embed (a collective) only if every one of them restored the step.
+        failed = multihost.gather(np.array([error is not None]))
+        if failed.any():
+            log.warning("skipping checkpoint %d: %s", step,
+                        error or f"hosts {np.flatnonzero(failed).tolist()} could not read it")
+            return False
         self.refresh_with(step, params)
         return True
 
     def newest_checkpoint(self) -> int | None:
+        """The newest checkpoint step as the primary sees it (the same on every host)."""
         manager = checkpoints.checkpoint_manager(self.workdir, read_only=True)
         try:
-            return manager.latest_step()
+            step = manager.latest_step()
         finally:
             manager.close()
+        return multihost.agree(step)
 
     def run(self, once: bool = False, timeout_s: float | None = None) -> list[int]:
         """Cold start if needed, then follow checkpoints (`once`: only the newest, then return).
@@ -202,6 +218,8 @@ class Refresher:
             return list(self.published)
         ckpt_dir = checkpoints.checkpoint_dir(self.workdir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # Multi-host: orbax's iterator polls on the primary and broadcasts, so every host gets
+        # the same steps and the same timeout.
         for step in checkpoint_utils.checkpoints_iterator(
             ckpt_dir, timeout=timeout_s, seconds_to_sleep=1
         ):

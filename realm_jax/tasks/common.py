@@ -1,8 +1,16 @@
-"""What both tasks share: the task interface, query embedding for search, retrieval recall."""
+"""What both tasks share: the task interface, query embedding for search, retrieval recall.
+
+Multi-host: a training batch is split over hosts (each holds its own rows), but exact search
+over the index sharded on all devices is a collective that every host must enter with the same
+global queries. So `QueryEncoder.embed_host_rows` embeds the global batch from per-host rows and
+hands every host all the query embeddings plus the place of its own rows, and
+`search_host_rows` searches with all of them (exact) or with this host's only (ScaNN, on host).
+"""
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,9 +18,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from realm_jax import defaults, sharding
+from realm_jax import defaults, multihost, sharding
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.joins import TokenizedBlocks
+from realm_jax.data.pipeline import mesh_shard
 from realm_jax.data.tokenizer import WordPiece
 from realm_jax.models import Embedder
 from realm_jax.retrieval.searcher import Searcher
@@ -26,11 +35,31 @@ def query_tower(params: dict[str, PyTree]) -> PyTree:
     return params["query_embedder"] if "query_embedder" in params else params["embedder"]
 
 
+@dataclasses.dataclass(frozen=True)
+class HostQueries:
+    """Query embeddings of a global batch whose rows are spread over hosts.
+
+    Attributes:
+      all: [B_global, d] float32, every host's rows (identical on every host), padding included.
+      rows: where this host's rows sit in `all`.
+    """
+
+    all: np.ndarray
+    rows: slice
+
+    @property
+    def mine(self) -> np.ndarray:
+        """[B_host, d]: this host's rows, in the order of its batch."""
+        return self.all[self.rows]
+
+
 class QueryEncoder:
     """Texts or token ids → query embeddings [B, d] on the host (deterministic, jitted).
 
     Batches are padded to a multiple of the mesh's batch shards, and at most `batch_size` rows
-    go through one call, so the function compiles for a handful of shapes only.
+    go through one call, so the function compiles for a handful of shapes only. The output is
+    replicated, so every host can read all of it (a fully replicated array is readable even
+    where it spans other hosts' devices).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh, batch_size: int = 64):
@@ -39,6 +68,7 @@ class QueryEncoder:
         self.rules = tuple(config.rules)
         self.shards = sharding.mesh_batch_size(mesh, self.rules)
         self.batch_size = -(-batch_size // self.shards) * self.shards
+        self._in = sharding.batch_sharding(mesh, 2, self.rules)
         module = Embedder(defaults.model_config(config))
         self._embed = sharding.jit_sharded(
             lambda p, ids, mask, types: module.apply({"params": p}, ids, mask, types),
@@ -46,23 +76,52 @@ class QueryEncoder:
 
     def embed_ids(self, params: PyTree, ids: np.ndarray, mask: np.ndarray, types: np.ndarray
                   ) -> np.ndarray:
-        """[B, L] int32 arrays → float32 [B, d] (B any size)."""
+        """[B, L] int32 arrays, the same on every host (eval questions) → float32 [B, d]."""
         n = ids.shape[0]
         out = []
         for start in range(0, n, self.batch_size):
             rows = slice(start, min(start + self.batch_size, n))
             m = rows.stop - rows.start
             pad = (-m) % self.shards
-            arrays = [np.pad(a[rows], ((0, pad), (0, 0))) for a in (ids, mask, types)]
-            placed = [jax.device_put(a, sharding.batch_sharding(self.mesh, 2, self.rules))
-                      for a in arrays]
+            placed = [multihost.put_global(np.pad(a[rows], ((0, pad), (0, 0))), self._in)
+                      for a in (ids, mask, types)]
             out.append(np.asarray(self._embed(params, *placed))[:m])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def embed_host_rows(self, params: PyTree, ids: np.ndarray, mask: np.ndarray,
+                        types: np.ndarray) -> HostQueries:
+        """This host's [b, L] rows of a global batch (training) → all hosts' embeddings.
+
+        Every host must call this at the same point with the same b (the data pipeline gives
+        every host equal batches); it is one sharded call over the whole global batch.
+        """
+        b = ids.shape[0]
+        hosts = mesh_shard(self.mesh, self.rules).shard_count  # 1 unless the batch spans hosts
+        pad = (-b) % max(1, self.shards // hosts)  # whole batch shards on this host's devices
+        placed = [jax.make_array_from_process_local_data(self._in, np.pad(a, ((0, pad), (0, 0))))
+                  for a in (ids, mask, types)]
+        rows = multihost.process_rows(self._in, placed[0].shape)
+        embeddings = np.asarray(self._embed(params, *placed))  # [B_global, d]
+        return HostQueries(embeddings, slice(rows.start, rows.start + b))
 
     def embed_texts(self, params: PyTree, tokenizer: WordPiece, texts: Sequence[str],
                     max_length: int) -> np.ndarray:
         enc = tokenizer.encode_queries(list(texts), max_length)
         return self.embed_ids(params, enc.input_ids, enc.attention_mask, enc.token_type_ids)
+
+
+def search_host_rows(searcher: Searcher, queries: HostQueries, k: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (ids, scores) [b, k] of this host's queries.
+
+    Exact search runs on the index sharded over every host's devices: a collective, so every
+    host searches the whole global batch (the same queries in the same order) and keeps its own
+    rows. ScaNN searches this host's copy of the index on the CPU: only its own rows.
+    """
+    if searcher.engine == "exact":
+        ids, scores = searcher.search(queries.all, k)
+        return ids[queries.rows], scores[queries.rows]
+    return searcher.search(queries.mine, k)
 
 
 def gold_recall(
@@ -85,8 +144,10 @@ class Task(abc.ABC):
     name: str
     towers: tuple[str, ...]
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh, corpus: BlockCorpus,
-                 blocks: TokenizedBlocks, tokenizer: WordPiece):
+    def __init__(self, config: ml_collections.ConfigDict, mesh, corpus: BlockCorpus | None,
+                 blocks: TokenizedBlocks | None, tokenizer: WordPiece | None):
+        """corpus, blocks and tokenizer may be None for a task that only computes its loss
+        (ahead-of-time compilation): `dataset`, `prepare` and `evaluate` need them."""
         self.config = config
         self.mesh = mesh
         self.rules = tuple(config.rules)
@@ -103,7 +164,24 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def prepare(self, batch: dict[str, Any], params: PyTree, searcher: Searcher
                 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Host batch → (per-host device inputs as numpy, host metrics such as recall)."""
+        """Host batch → (per-host device inputs as numpy, host metrics such as recall).
+
+        Host metrics are means over this host's rows, with the same keys on every host (NaN
+        where a host has nothing to measure): `train` averages them over hosts, a collective.
+        """
+
+    @abc.abstractmethod
+    def input_shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """{name: (shape, dtype)} of the device inputs `prepare` builds, for a global batch of
+        `batch_size` (all hosts' rows): the train step's input signature without any data."""
+
+    def abstract_inputs(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """`input_shapes` laid out as `to_global` lays them out: arguments for
+        `jax.jit(step).lower(...)` (ahead-of-time compilation, benchmarks/aot.py)."""
+        return {k: jax.ShapeDtypeStruct(
+                    shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape),
+                                                                   self.rules))
+                for k, (shape, dtype) in self.input_shapes(batch_size).items()}
 
     @abc.abstractmethod
     def loss(self, params: PyTree, inputs: dict[str, jax.Array], rng: jax.Array

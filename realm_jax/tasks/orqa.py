@@ -21,12 +21,12 @@ import numpy as np
 
 from realm_jax.data import loaders
 from realm_jax.data.joins import answer_spans, blocks_with_answer, join_reader
-from realm_jax.data.pipeline import qa_dataset
+from realm_jax.data.pipeline import mesh_shard, qa_dataset
 from realm_jax.models import Embedder, SpanReader
 from realm_jax.models.losses import orqa_loss
 from realm_jax.models.reader import correct_spans, orqa_logits, span_candidates
 from realm_jax.retrieval.searcher import Searcher
-from realm_jax.tasks.common import PyTree, Task
+from realm_jax.tasks.common import PyTree, Task, search_host_rows
 
 MAX_ANSWER_SPANS = 8
 
@@ -52,14 +52,15 @@ class Orqa(Task):
     def dataset(self, seed: int):
         c = self.config
         return qa_dataset(loaders.load_qa_split(c, "train"), self.tokenizer,
-                          batch_size=c.train.batch_size, seed=seed, question_len=self.query_len)
+                          batch_size=c.train.batch_size, seed=seed, question_len=self.query_len,
+                          shard=mesh_shard(self.mesh, self.rules))
 
     def prepare(self, batch, params, searcher: Searcher):
         s = min(self.searcher_beam, searcher.num_blocks)
         r = min(self.reader_beam, s)
-        q = self.queries.embed_ids(params["query_embedder"], batch["question_ids"],
-                                   batch["question_mask"], batch["question_types"])
-        ids, _ = searcher.search(q, s)  # [B, S], best first
+        q = self.queries.embed_host_rows(params["query_embedder"], batch["question_ids"],
+                                         batch["question_mask"], batch["question_types"])
+        ids, _ = search_host_rows(searcher, q, s)  # [B, S], best first
         answer_ids = [self.tokenizer.tokenize(a) for a in batch["answers"]]
         retrieval_correct = blocks_with_answer(self.blocks, ids, answer_ids)  # [B, S]
         reader = join_reader(batch["question_ids"], batch["question_len"], self.blocks,
@@ -78,6 +79,18 @@ class Orqa(Task):
         host = {f"answer_recall_at_{s}": float(retrieval_correct.any(-1).mean()),
                 f"answer_recall_at_{r}": float(retrieval_correct[:, :r].any(-1).mean())}
         return inputs, host
+
+    def input_shapes(self, batch_size: int):
+        """Assumes at least `searcher_beam_size` blocks (`prepare` clips S to the index)."""
+        b, s, r, i32 = batch_size, self.searcher_beam, self.reader_beam, np.int32
+        d = self.cfg.proj_size or self.cfg.bert.hidden_size
+        reader = (b, r, self.reader_len)
+        shapes = {f"question_{f}": ((b, self.query_len), i32) for f in ("ids", "mask", "types")}
+        shapes.update({f"reader_{f}": (reader, i32) for f in ("ids", "mask", "types")})
+        shapes.update(block_emb=((b, s, d), np.float32), retrieval_correct=((b, s), np.bool_),
+                      block_mask=(reader, i32), gold_starts=((b, r, MAX_ANSWER_SPANS), i32),
+                      gold_ends=((b, r, MAX_ANSWER_SPANS), i32))
+        return shapes
 
     def loss(self, params, inputs, rng):
         r_query, r_reader = jax.random.split(rng)

@@ -14,6 +14,7 @@ L = Lq + Lb joined length, M max_masks.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -22,12 +23,12 @@ import numpy as np
 
 from realm_jax.data import loaders
 from realm_jax.data.joins import join_mlm
-from realm_jax.data.pipeline import pretrain_dataset
+from realm_jax.data.pipeline import mesh_shard, pretrain_dataset
 from realm_jax.models import Embedder, KnowledgeAugEncoder
 from realm_jax.models.embedder import relevance_scores
 from realm_jax.models.losses import marginal_mlm_loss
 from realm_jax.retrieval.searcher import Searcher, realm_candidates
-from realm_jax.tasks.common import PyTree, Task, gold_recall, query_tower
+from realm_jax.tasks.common import PyTree, Task, gold_recall, query_tower, search_host_rows
 
 
 class RealmMlm(Task):
@@ -46,10 +47,14 @@ class RealmMlm(Task):
         self.query_len = int(c.data.query_len)
         self.block_len = int(c.data.block_len)
         self.join_len = self.query_len + self.block_len
-        self.hashes = self.corpus.uids.hashes()  # [N] int64
         self.embedder = Embedder(self.cfg)
         self.encoder = KnowledgeAugEncoder(self.cfg)
         self._eval_qa = None
+
+    @functools.cached_property
+    def hashes(self) -> np.ndarray:
+        """[N] int64 uid hashes of the corpus blocks (trivial-retrieval check)."""
+        return self.corpus.uids.hashes()
 
     # ------------------------------------------------------------------ host side
     def dataset(self, seed: int):
@@ -57,13 +62,14 @@ class RealmMlm(Task):
         return pretrain_dataset(
             loaders.load_pretrain_sentences(c, self.corpus), self.tokenizer,
             batch_size=c.train.batch_size, seed=seed, query_len=self.query_len,
-            max_masks=c.data.max_masks, masking=c.data.masking)
+            max_masks=c.data.max_masks, masking=c.data.masking,
+            shard=mesh_shard(self.mesh, self.rules))
 
     def prepare(self, batch, params, searcher: Searcher):
         fetch = min(self.fetch, searcher.num_blocks)
-        q = self.queries.embed_ids(query_tower(params), batch["query_ids"], batch["query_mask"],
-                                   batch["query_types"])
-        ids, _ = searcher.search(q, fetch)  # [B, fetch]
+        q = self.queries.embed_host_rows(query_tower(params), batch["query_ids"],
+                                         batch["query_mask"], batch["query_types"])
+        ids, _ = search_host_rows(searcher, q, fetch)  # [B, fetch]
         source = batch["source_block"]
         source_hash = np.where(source >= 0, self.hashes[np.maximum(source, 0)], 0)
         cands = realm_candidates(ids, source_hash, self.hashes, self.k)  # [B, K]
@@ -82,12 +88,22 @@ class RealmMlm(Task):
             "mlm_positions": batch["mlm_positions"], "mlm_labels": batch["mlm_labels"],
             "mlm_weights": batch["mlm_weights"],
         }
-        host = {}
+        # The generated KB knows which block states the masked fact (−1: unknown). The key is
+        # there on every host, NaN without gold blocks, so hosts can average it (Task.prepare).
         gold = batch["gold_blocks"]
-        if (gold >= 0).any():  # the generated KB knows which block states the masked fact
-            hit = (cands[:, 1:] == gold[:, None]).any(-1)
-            host["gold_recall_at_k"] = float(hit[gold >= 0].mean())
+        hit = (cands[:, 1:] == gold[:, None]).any(-1)[gold >= 0]
+        host = {"gold_recall_at_k": float(hit.mean()) if hit.size else float("nan")}
         return inputs, host
+
+    def input_shapes(self, batch_size: int):
+        b, k, m, i32 = batch_size, self.k, int(self.config.data.max_masks), np.int32
+        shapes = {}
+        for prefix, shape in (("query", (b, self.query_len)), ("cand", (b, k, self.block_len)),
+                              ("join", (b, k, self.join_len))):
+            shapes.update({f"{prefix}_{f}": (shape, i32) for f in ("ids", "mask", "types")})
+        shapes.update(mlm_positions=((b, m), i32), mlm_labels=((b, m), i32),
+                      mlm_weights=((b, m), np.float32))
+        return shapes
 
     # ------------------------------------------------------------------ device side
     def loss(self, params, inputs, rng):

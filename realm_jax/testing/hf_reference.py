@@ -88,3 +88,21 @@ def save(model, directory, fmt: str = "safetensors") -> None:
         name = sorted(names, key=lambda n: ("decoder" in n, n))[0]
         keep[name] = state[name].detach().clone().contiguous()
     save_file(keep, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_openqa(model, block_texts, vocab_file, directory, block_emb: np.ndarray):
+    """An HF open-QA directory as the released ones hold it: `RealmForOpenQA` weights with
+    `block_emb`, its config, the tokenizer files and the retriever's `block_records.npy` (a
+    pickled object array of UTF-8 byte strings). Attaches the retriever to `model` and returns
+    (retriever, tokenizer)."""
+    import torch
+    from transformers import RealmRetriever, RealmTokenizerFast
+
+    tokenizer = RealmTokenizerFast(vocab_file=str(vocab_file))
+    records = np.array([t.encode("utf-8") for t in block_texts], dtype=object)
+    with torch.no_grad():
+        model.block_emb.copy_(torch.from_numpy(np.asarray(block_emb, np.float32)))
+    model.retriever = RealmRetriever(records, tokenizer)
+    save(model, directory)
+    model.retriever.save_pretrained(str(directory))
+    return model.retriever, tokenizer

@@ -1,0 +1,196 @@
+"""Open-QA evaluation: exact match of the predicted answers and recall@k of the retrieval.
+
+    python -m realm_jax.evaluate --config configs/X.py --workdir DIR [--split test]
+    python -m realm_jax.evaluate --workdir DIR          # the QA data of DIR/config.json
+
+Metrics (DESIGN §1 "Evaluation"):
+  exact_match    the official SQuAD / NQ-open EM of the predicted answer text (lower-case, no
+                 punctuation, no articles); CuratedTrec's answers are regular expressions
+                 (`data.qa.answer_match`);
+  recall@k       share of questions with an answer-bearing block among the top k retrieved —
+                 a block bears an answer when the normalised answer occurs in its normalised
+                 text as whole words (a regex answer: `re.search` in the raw text), the "has
+                 answer" test of ORQA / DPR retrieval accuracy;
+  gold_recall@k  share whose gold block is among the top k (only sets that know it: synthetic);
+  num_examples.
+
+The model, its corpus and its index come from the workdir (`Realm.load`); `--config` names only
+the QA data (data.qa, data.qa_format, or the synthetic KB) and the defaults of --batch_size,
+--k and --max_examples (config.eval). Writes predictions.jsonl (one line per question: the
+answer, its evidence, the top-k block ids, whether each metric hit) and metrics.json into
+--out_dir (default WORKDIR/eval/<split>-step<step>/) and prints the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+from absl import logging as absl_logging
+from etils import epath
+from ml_collections import config_flags
+
+from realm_jax.data.qa import QaSet, answer_match, normalize_answer
+from realm_jax.inference import Realm
+
+log = logging.getLogger(__name__)
+
+
+def has_answer(text: str, answers: Sequence[str], is_regex: bool = False) -> bool:
+    """Whether a block's text contains one of the answers (module docstring)."""
+    if is_regex:
+        for pattern in answers:
+            try:
+                if re.search(pattern, text, flags=re.IGNORECASE | re.UNICODE):
+                    return True
+            except re.error:
+                continue
+        return False
+    body = f" {normalize_answer(text)} "
+    return any(a and f" {a} " in body for a in (normalize_answer(x) for x in answers))
+
+
+def evaluate(
+    realm: Realm,
+    qa_set: QaSet,
+    batch_size: int = 64,
+    k: int = 5,
+    *,
+    max_examples: int = 0,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Answer every question of `qa_set` and score the answers and the retrieval.
+
+    Args:
+      realm: the model (`Realm.load`, or the trainer's live one).
+      qa_set: the questions and their gold answers (`is_regex` for CuratedTrec).
+      batch_size: questions per call to `realm.answer`.
+      k: the k of recall@k (the reader still reads `orqa.reader_beam_size` blocks).
+      max_examples: evaluate only the first this many questions (0: all).
+
+    Returns:
+      (metrics, predictions): metrics as in the module docstring, all floats except
+      num_examples; one prediction dict per question, in order. An invalid question (empty)
+      counts as a miss and its prediction carries the error.
+    """
+    n = len(qa_set) if max_examples <= 0 else min(max_examples, len(qa_set))
+    predictions: list[dict[str, Any]] = []
+    t0 = time.time()
+    for start in range(0, n, batch_size):
+        rows = [qa_set[i] for i in range(start, min(n, start + batch_size))]
+        answers = realm.answer([r["question"] for r in rows], k=k, errors="return")
+        for i, (row, a) in enumerate(zip(rows, answers, strict=True)):
+            top = [r.block_id for r in a.retrieved[:k]]
+            bearing = [has_answer(r.text, row["answers"], qa_set.is_regex)
+                       for r in a.retrieved[:k]]
+            gold = row["gold_block"]
+            predictions.append({
+                "index": start + i, "question": row["question"], "answers": row["answers"],
+                "prediction": a.text, "score": a.score, "probability": a.probability,
+                "block_id": a.block_id, "title": a.title, "start_char": a.start_char,
+                "end_char": a.end_char, "truncated": a.truncated, "error": a.error,
+                "exact_match": bool(not a.error
+                                    and answer_match(a.text, row["answers"], qa_set.is_regex)),
+                "retrieved": top, "answer_bearing": bearing, "recall": any(bearing),
+                "gold_block": gold, "gold_retrieved": bool(gold >= 0 and gold in top),
+            })
+    metrics = _metrics(predictions, k)
+    metrics["seconds"] = round(time.time() - t0, 3)
+    log.info("evaluated %d questions of %s: %s", n, qa_set.name, metrics)
+    return metrics, predictions
+
+
+def _metrics(predictions: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    n = len(predictions)
+    mean = lambda key: sum(p[key] for p in predictions) / n if n else 0.0  # noqa: E731
+    metrics: dict[str, Any] = {"exact_match": mean("exact_match"), f"recall@{k}": mean("recall"),
+                               "num_examples": n}
+    with_gold = [p for p in predictions if p["gold_block"] >= 0]
+    if with_gold:
+        metrics[f"gold_recall@{k}"] = sum(p["gold_retrieved"] for p in with_gold) / len(with_gold)
+    errors = sum(bool(p["error"]) for p in predictions)
+    if errors:
+        metrics["invalid_questions"] = errors
+    return metrics
+
+
+def write_results(out_dir: epath.PathLike, metrics: dict[str, Any],
+                  predictions: list[dict[str, Any]]) -> epath.Path:
+    """predictions.jsonl + metrics.json under `out_dir` (created)."""
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "predictions.jsonl").open("w") as f:
+        for p in predictions:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return out
+
+
+def run(
+    workdir: str,
+    *,
+    config=None,
+    split: str = "test",
+    step: int | None = None,
+    k: int | None = None,
+    batch_size: int | None = None,
+    max_examples: int | None = None,
+    out_dir: str | None = None,
+    engine: str | None = None,
+) -> tuple[dict[str, Any], epath.Path]:
+    """What the command does: load, evaluate, write; returns (metrics, output directory)."""
+    from realm_jax.data.loaders import load_qa_split
+
+    overrides = {"retrieval.engine": engine} if engine else None
+    realm = Realm.load(workdir, step, overrides=overrides, batch_size=batch_size)
+    config = config if config is not None else realm.config
+    qa_set = load_qa_split(config, split)
+    k = k or int(config.eval.recall_k)
+    metrics, predictions = evaluate(
+        realm, qa_set, batch_size or int(config.eval.batch_size), k,
+        max_examples=int(config.eval.max_examples) if max_examples is None else max_examples)
+    metrics.update(split=split, step=realm.step, qa=qa_set.name, engine=realm.searcher.engine)
+    out = write_results(out_dir or epath.Path(workdir) / "eval" / f"{split}-step{realm.step}",
+                        metrics, predictions)
+    return metrics, out
+
+
+def _define_flags() -> None:
+    """Flags are defined only when run as a command, so importing `evaluate` (the trainer does)
+    never clashes with the importer's own --workdir."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Experiment config naming the QA data (default: the workdir's).")
+    flags.DEFINE_string("workdir", None, "Training workdir or converted open-QA dir.")
+    flags.DEFINE_string("split", "test", "QA split.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_integer("k", None, "k of recall@k (default: config.eval.recall_k).")
+    flags.DEFINE_integer("batch_size", None, "Questions per batch (default: config.eval).")
+    flags.DEFINE_integer("max_examples", None, "Evaluate only the first N (0: all).")
+    flags.DEFINE_string("out_dir", None, "Output directory (WORKDIR/eval/<split>-step<N>).")
+    flags.DEFINE_enum("engine", None, ["exact", "scann"], "Override retrieval.engine.")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    if not f["verbosity"].present:  # orbax logs every restore at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        metrics, out = run(f.workdir, config=f.config, split=f.split, step=f.step, k=f.k,
+                           batch_size=f.batch_size, max_examples=f.max_examples,
+                           out_dir=f.out_dir, engine=f.engine)
+    except (FileNotFoundError, ValueError) as e:  # IndexStoreError is a ValueError
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)
