@@ -7,6 +7,10 @@ process × 8 devices on the same data, and that the 2-process checkpoint restore
 
 "The same data" holds by construction: the data pipeline slices each host's rows out of one
 global batch (tests below check that the global batch does not depend on the number of hosts).
+A second, quicker 2-process test checks the agreement helpers and an external-mode LiveIndex
+whose hosts' watchers disagree; the rest run in this process (per-host query embedding, and
+that `Task.abstract_inputs`, which benchmarks/aot.py compiles for, matches `Task.prepare`).
+Workers are tests/multihost_worker.py, killed on failure or after TIMEOUT_S.
 """
 
 from __future__ import annotations
