@@ -12,10 +12,13 @@ block embeddings (HF's `block_emb` = our exact index):
 
   latency      one question per call, end to end (tokenise, embed, search, join, read, answer
                text): `realm.answer(q)` vs `model(**tokenizer([q]))` + `tokenizer.decode`;
-               p50 / p95 over --latency-runs calls each, interleaved, after one warm-up;
-  throughput   64 questions: one `realm.answer(questions)` call (padded batches, jitted) vs
-               64 `RealmForOpenQA` calls (it accepts batch size 1 only); questions/s from the
-               median of --batch-repeats, after one warm-up batch (JAX compiles there).
+               p50 / p95 over --latency-runs calls each, interleaved, after a warm-up pass
+               (ours compiles each question/join length bucket it meets once);
+  throughput   64 questions: one `realm.answer(questions)` call vs 64 `RealmForOpenQA` calls
+               (it accepts batch size 1 only); questions/s from the median of
+               --batch-repeats, after one warm-up batch (JAX compiles there). On CPU `Realm`
+               reads the 64 in calls of about `inference.CPU_READER_TOKENS` joined wordpieces
+               (its default `batch_size`, in the JSON; `--batch-size` to override).
 
 Sizes: "demo" is the demo's ORQA model (runs/demo/orqa, `--demo-workdir`) when that workdir
 exists — then ours is the trained model and HF a random model of the same size over the same
@@ -27,7 +30,9 @@ released ORQA settings (reader 320, beam 5, span width 10); "tiny" is a smoke te
 Ours runs on one CPU device (no emulated devices), float32, the corpus in memory; both sides may
 use every core (torch `set_num_threads`, XLA's pool). glibc malloc keeps freed memory mapped
 for both (`encoder_speed.set_malloc`, `--malloc default` to measure the stock allocator). The
-CPU load of other processes is measured before and after and written to the JSON.
+CPU load of other processes is measured before each timed section and written to the JSON
+(`--wait-idle S` waits up to S seconds for quiet first): torch's OpenMP threads spin-wait, so a
+busy core slows HF down by up to 100× and would flatter our side.
 
 Goal (issue #6): ours ≥ 2× Hugging Face's throughput. Results: a table on stdout and
 benchmarks/results/answer_latency.json (`--out`).
@@ -47,6 +52,7 @@ from typing import Any
 import numpy as np
 from bench_utils import cpu_busy_elsewhere, cpu_model
 from encoder_speed import MALLOC_MODES, pin_threads, set_malloc, thp_mode
+from mips import wait_for_idle
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results", "answer_latency.json")
@@ -75,9 +81,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-runs", type=int, default=20, help="single-question calls per side")
     p.add_argument("--batch-repeats", type=int, default=2, help="timed batches of 64 per side")
     p.add_argument("--check", type=int, default=8, help="questions whose answers are compared")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="Realm's padded batch (default: its CPU default)")
     p.add_argument("--demo-workdir", default=os.path.join(REPO_ROOT, "runs", "demo", "orqa"))
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--malloc", choices=sorted(MALLOC_MODES), default="retain")
+    p.add_argument("--wait-idle", type=float, default=0.0,
+                   help="before each timed section, wait up to this many seconds for other "
+                        "processes to leave the CPU (torch's OpenMP threads slow down by "
+                        "orders of magnitude when they share cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -152,7 +164,6 @@ def build_ours(model, query_len: int, block_texts: list[str], block_emb: np.ndar
     params = checkpoints.params_from_hf(tensors, cfg, "hf_realm", where="benchmark")
     config = openqa_config(cfg, hf)
     config.data.query_len = query_len
-    config.eval.batch_size = BATCH
     mesh = sharding.make_mesh({"data": -1}, devices=jax.devices()[:1])
     corpus = BlockCorpus.from_blocks([{"title": "", "text": t} for t in block_texts])
     tokenizer = WordPiece(vocab_file)
@@ -162,7 +173,7 @@ def build_ours(model, query_len: int, block_texts: list[str], block_emb: np.ndar
     version = IndexVersion(0, block_emb, {}, epath.Path("(in memory)"))
     searcher = open_searcher(version, config, mesh)
     realm = Realm(config, params, searcher, corpus=corpus, blocks=blocks, tokenizer=tokenizer,
-                  mesh=mesh, batch_size=BATCH)
+                  mesh=mesh)
     return realm, tokenize_s
 
 
@@ -170,7 +181,7 @@ def demo_pair(workdir: str, hf_kw: dict, vocab_file: str, seed: int):
     """The trained demo model and an HF model of its size over its blocks and index."""
     from realm_jax.inference import Realm
 
-    realm = Realm.load(workdir, batch_size=BATCH)
+    realm = Realm.load(workdir)
     b = realm.cfg.bert
     kw = dict(hf_kw, vocab_size=b.vocab_size, hidden_size=b.hidden_size,
               num_hidden_layers=b.num_layers, num_attention_heads=b.num_heads,
@@ -214,8 +225,11 @@ def bench_size(name: str, args: argparse.Namespace, vocab_file: str) -> dict[str
         source = "random weights, same on both sides" + (
             f" (no demo workdir at {args.demo_workdir}: MiniLM-sized stand-in)"
             if name == "demo" else "")
+    if args.batch_size:
+        realm.batch_size = args.batch_size
     setup_s = time.perf_counter() - t0
-    print(f"[{name}] {len(realm.corpus)} blocks, {source}; set-up {setup_s:.0f}s", flush=True)
+    print(f"[{name}] {len(realm.corpus)} blocks, {source}; set-up {setup_s:.0f}s; ours reads "
+          f"{realm.batch_size} question(s) per call", flush=True)
 
     def hf_answer(q: str) -> str:
         with torch.no_grad():
@@ -235,6 +249,9 @@ def bench_size(name: str, args: argparse.Namespace, vocab_file: str) -> dict[str
     print(f"[{name}] answers equal to HF's: {sum(same)}/{len(same)}; first calls (compile + "
           f"run) {compile_one_s:.1f}s single, {compile_batch_s:.1f}s batch", flush=True)
 
+    for q in questions[: args.latency_runs]:  # compile every length bucket the runs will use
+        realm.answer(q)
+    busy = {"latency": quiet(args)}
     ours_lat, hf_lat = [], []
     for i in range(args.latency_runs):  # interleaved, so drifting load hits both sides
         q = questions[i % len(questions)]
@@ -247,6 +264,7 @@ def bench_size(name: str, args: argparse.Namespace, vocab_file: str) -> dict[str
     print(f"[{name}] latency p50 ours {np.median(ours_lat) * 1e3:.1f} ms, HF "
           f"{np.median(hf_lat) * 1e3:.1f} ms", flush=True)
 
+    busy["throughput"] = quiet(args)
     ours_batch_t, hf_batch_t = [], []
     for _ in range(args.batch_repeats):
         t0 = time.perf_counter()
@@ -262,15 +280,26 @@ def bench_size(name: str, args: argparse.Namespace, vocab_file: str) -> dict[str
     return {
         "source": source, "num_blocks": len(realm.corpus), "hf_config": model.config.to_dict(),
         "query_len": realm.query_len, "reader_len": realm.reader_len,
-        "reader_beam": realm.reader_beam, "setup_s": setup_s, "tokenize_corpus_s": tokenize_s,
+        "reader_beam": realm.reader_beam, "realm_batch_size": realm.batch_size,
+        "setup_s": setup_s, "tokenize_corpus_s": tokenize_s,
         "first_call_single_s": compile_one_s, "first_call_batch_s": compile_batch_s,
-        "answers_equal_hf": f"{sum(same)}/{len(same)}",
+        "answers_equal_hf": f"{sum(same)}/{len(same)}" if tokenize_s is not None else
+                            "n/a (other weights)",
         "latency": {"ours": percentiles(ours_lat), "hf": percentiles(hf_lat)},
         "latency_ratio_p50": statistics.median(hf_lat) / statistics.median(ours_lat),
         "throughput": {"ours_qps": ours_qps, "hf_qps": hf_qps, "ours_batch_s": ours_batch_t,
                        "hf_batch_s": hf_batch_t},
         "throughput_ratio": ours_qps / hf_qps,
+        "cpu_busy_elsewhere": busy,
     }
+
+
+def quiet(args: argparse.Namespace) -> float:
+    """Other processes' share of the CPUs now (waiting for quiet first with --wait-idle)."""
+    busy = wait_for_idle(args.wait_idle) if args.wait_idle else cpu_busy_elsewhere(0.5)
+    if busy > 0.1:
+        print(f"WARNING: {busy:.0%} of the CPUs busy elsewhere: timings are not reliable")
+    return busy
 
 
 def table(results: dict[str, Any]) -> str:

@@ -16,10 +16,16 @@ What `answer` computes for a batch of B questions (R = orqa.reader_beam_size, L 
   7. the span's wordpieces → character offsets in the block text (the tokenizer's offsets), so
      the answer is a slice of the evidence, not wordpieces glued back together.
 
-Batches are padded to one of two fixed sizes — the mesh's batch split for a single question,
-`batch_size` otherwise — so each jitted function compiles at most twice; the compiled functions
-are cached per (model config, mesh, rules), so a trainer that builds a new `Realm` for every
-evaluation reuses them.
+Shapes are few and fixed, so each jitted function compiles a handful of times at most: a batch
+is padded to one of two sizes (the mesh's batch split for a single question, `batch_size`
+otherwise), and questions and joins are cut to the batch's longest, rounded up to one of
+`length_buckets` equal steps of data.query_len / data.reader_len (padding is compute: HF pads
+to the longest join too). The compiled functions are cached per (model config, mesh, rules),
+so a trainer that builds a new `Realm` for every evaluation reuses them.
+
+On CPU the default `batch_size` holds about CPU_READER_TOKENS joined wordpieces per reader
+call: bigger activations fall out of the caches and cost more per question (BERT-base: +30 %
+per sequence from 5 to 40 sequences of 320), smaller calls pay the per-call overhead.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ QUERY_TOWERS = ("query_embedder", "embedder")  # the query tower: the first one 
 TOKENIZED_CACHE = "tokenized"  # WORKDIR/tokenized/: the corpus's wordpieces, memory-mapped
 # A span whose joint logit is below this was masked out (no block had a readable body).
 _MASKED = -1e30
+CPU_READER_TOKENS = 2048  # default reader work per call on CPU (module docstring)
 
 
 class Retrieved(NamedTuple):
@@ -187,8 +194,10 @@ class Realm:
       corpus, blocks, tokenizer: the blocks the index rows stand for, pre-tokenised
         (`joins.tokenize_corpus`), and the run's tokenizer.
       mesh: devices the jitted functions run on (the batch is split over its batch axes).
-      batch_size: the padded size of multi-question batches (default: config.eval.batch_size,
-        rounded up to a multiple of the mesh's batch split).
+      batch_size: the padded size of multi-question batches, rounded up to a multiple of the
+        mesh's batch split (default: config.eval.batch_size; on CPU, CPU_READER_TOKENS).
+      length_buckets: question and join lengths are rounded up to this many equal steps of
+        their maxima (1: always the full data.query_len / data.reader_len).
     """
 
     def __init__(
@@ -202,6 +211,7 @@ class Realm:
         tokenizer: WordPiece,
         mesh,
         batch_size: int | None = None,
+        length_buckets: int = 4,
     ):
         self.config = config
         self.cfg = defaults.model_config(config)
@@ -221,8 +231,14 @@ class Realm:
             raise ValueError(f"data.reader_len={self.reader_len} leaves no room for a block "
                              f"after a question of data.query_len={self.query_len}")
         self.min_batch = sharding.mesh_batch_size(mesh, self.rules)
-        size = int(batch_size or config.eval.batch_size)
-        self.batch_size = -(-max(size, 1) // self.min_batch) * self.min_batch
+        if batch_size is None:
+            on_cpu = mesh.devices.flat[0].platform == "cpu"
+            batch_size = (CPU_READER_TOKENS // (self.reader_beam * self.reader_len) if on_cpu
+                          else int(config.eval.batch_size))
+        self.batch_size = -(-max(int(batch_size), 1) // self.min_batch) * self.min_batch
+        if length_buckets < 1:
+            raise ValueError(f"length_buckets={length_buckets} must be >= 1")
+        self.length_buckets = int(length_buckets)
         self._embed, self._read = _device_fns(self.cfg, mesh, self.rules)
         self._in2 = sharding.batch_sharding(mesh, 2, self.rules)
         self._in3 = sharding.batch_sharding(mesh, 3, self.rules)
@@ -386,6 +402,11 @@ class Realm:
                                     block_text="", start_char=-1, end_char=-1, error=str(e))
         return valid, answers
 
+    def _bucket(self, n: int, full: int) -> int:
+        """`n` tokens rounded up to the next of `length_buckets` equal steps of `full`."""
+        step = -(-full // self.length_buckets)
+        return min(full, max(1, -(-n // step)) * step)
+
     def _sizes(self, n: int) -> Iterator[tuple[int, int, int]]:
         """(start, stop, padded size) of each batch: two fixed sizes, so two compilations."""
         for start in range(0, n, self.batch_size):
@@ -410,7 +431,8 @@ class Realm:
             enc = Encoded(*(None if a is None else a[start:stop] for a in
                             (enc_all.input_ids, enc_all.attention_mask, enc_all.token_type_ids,
                              enc_all.truncated)))
-            arrays = [jax.device_put(_pad_rows(a, size), self._in2)
+            lq = self._bucket(int(enc.lengths.max()), self.query_len)
+            arrays = [jax.device_put(_pad_rows(a[:, :lq], size), self._in2)
                       for a in (enc.input_ids, enc.attention_mask, enc.token_type_ids)]
             q = np.asarray(self._embed(q_params, *arrays), np.float32)  # [size, d]
             ids, scores = self.searcher.search(q, k)  # padded rows too: one shape per size
@@ -418,9 +440,14 @@ class Realm:
             if read:
                 top = chunk.ids[:, : self.reader_beam]  # [m, R]
                 chunk.retrieval = np.einsum("bd,brd->br", q[:m], self.searcher.embeddings_of(top))
-                chunk.inputs = join_reader(enc.input_ids, enc.lengths, self.blocks, top,
-                                           self.reader_len)
-                rin = chunk.inputs
+                rin = join_reader(enc.input_ids, enc.lengths, self.blocks, top, self.reader_len)
+                if not with_logits:  # `read` keeps the full length: one span layout for all
+                    length = max(self._bucket(int(rin.attention_mask.sum(-1).max()),
+                                              self.reader_len), self.cfg.max_span_width)
+                    rin = ReaderInputs(*(a[..., :length] for a in (
+                        rin.input_ids, rin.attention_mask, rin.token_type_ids, rin.block_mask)),
+                        truncated=rin.truncated)
+                chunk.inputs = rin
                 dev = [jax.device_put(_pad_rows(a, size), self._in3) for a in
                        (rin.input_ids, rin.attention_mask, rin.token_type_ids, rin.block_mask)]
                 ret = jax.device_put(_pad_rows(chunk.retrieval, size), self._in2)
@@ -443,7 +470,7 @@ class Realm:
         out, rin = chunk.out, chunk.inputs
         records = self._records(chunk.ids)  # [m, max(k, R)]: the read and the listed blocks
         retrieved = self._retrieved(chunk.ids[:, :k], chunk.scores[:, :k], records)
-        starts, ends = span_candidates(self.reader_len, self.cfg.max_span_width)
+        starts, ends = span_candidates(rin.input_ids.shape[-1], self.cfg.max_span_width)
         num_spans = len(starts)
         qlens = chunk.enc.lengths
         answers = []

@@ -131,17 +131,30 @@ def test_single_and_batched_answers_agree_and_repeat(realm):
     assert realm.answer(QUESTIONS) == batch  # deterministic
 
 
-def test_each_device_function_compiles_once_per_padded_size(workdir, realm):
-    inference._device_fns.cache_clear()  # a fresh pair of jitted functions
-    fresh = Realm(realm.config, realm.params, realm.searcher, corpus=realm.corpus,
-                  blocks=realm.blocks, tokenizer=realm.tokenizer, mesh=realm.mesh,
-                  batch_size=16)
-    assert (fresh.min_batch, fresh.batch_size) == (8, 16)
-    for n in (1, 3, 8, 9, 16, 21, 40):
-        fresh.answer((QUESTIONS * 8)[:n])
-    fresh.retrieve(QUESTIONS, 3)
-    assert fresh._embed.jitted._cache_size() == 2  # padded to 8 or 16 rows
-    assert fresh._read.jitted._cache_size() == 2
+def test_each_device_function_compiles_once_per_padded_shape(workdir, realm):
+    def fresh(**kw):
+        inference._device_fns.cache_clear()  # a fresh pair of jitted functions
+        return Realm(realm.config, realm.params, realm.searcher, corpus=realm.corpus,
+                     blocks=realm.blocks, tokenizer=realm.tokenizer, mesh=realm.mesh, **kw)
+
+    sizes = (1, 3, 8, 9, 16, 21, 40)
+    full = fresh(batch_size=16, length_buckets=1)
+    assert (full.min_batch, full.batch_size) == (8, 16)
+    answers = [full.answer((QUESTIONS * 8)[:n]) for n in sizes]
+    full.retrieve(QUESTIONS, 3)
+    assert full._embed.jitted._cache_size() == 2  # padded to 8 or 16 rows
+    assert full._read.jitted._cache_size() == 2
+    # Lengths cut to the batch's longest (4 buckets): at most 4 lengths per batch size, and
+    # the same answers as at full length.
+    bucketed = fresh(batch_size=16)
+    for n, want in zip(sizes, answers, strict=True):
+        got = bucketed.answer((QUESTIONS * 8)[:n])
+        assert [(a.text, a.block_id) for a in got] == [(a.text, a.block_id) for a in want]
+        np.testing.assert_allclose([a.score for a in got], [a.score for a in want], rtol=1e-5)
+    assert bucketed._read.jitted._cache_size() <= 2 * 4
+    assert bucketed._embed.jitted._cache_size() <= 2 * 4
+    assert bucketed._bucket(17, 64) == 32 and bucketed._bucket(64, 64) == 64
+    assert bucketed._bucket(1, 24) == 6 and bucketed._bucket(7, 24) == 12
 
 
 def test_retrieve_gives_the_top_k_blocks_with_their_text(workdir, realm):
@@ -203,6 +216,8 @@ def test_model_without_reader_retrieves_but_does_not_answer(workdir, tmp_path):
     make_workdir(root, config, towers=("embedder",), step=5)
     realm = Realm.load(root)
     assert realm.query_tower == "embedder" and not realm.has_reader
+    # On CPU the default batch holds about CPU_READER_TOKENS joined wordpieces (beam 2 × 64).
+    assert realm.batch_size == inference.CPU_READER_TOKENS // (2 * 64) == 16
     assert len(realm.retrieve(QUESTIONS[0], 3)) == 3
     with pytest.raises(ValueError, match="no reader tower.*task=orqa"):
         realm.answer(QUESTIONS[0])
