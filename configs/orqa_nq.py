@@ -69,7 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1, model=1)
 
     c.data.corpus = f"{ROOT}/data/enwiki_blocks"  # the same blocks pre-training indexed
-    c.data.qa = "natural_questions_open"
+    c.data.qa = "natural_questions_open"  # TFDS, prepared as array_record under:
+    c.data.tfds_data_dir = f"{ROOT}/tensorflow_datasets"
     c.data.qa_format = "nq_open"
     c.data.update(query_len=64, block_len=288, reader_len=320)
 

@@ -46,8 +46,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = defaults.base_config()
     c.task = "realm_mlm"
     # bf16 compute on TPU (the MXU's native type), f32 parameters and optimiser state.
+    # remat: at 16 examples per chip (batch 512 on a v4-64's 32 chips) the step needs 34.0 GiB
+    # per v4 chip without it (30.75 GiB HBM), 7.4 GiB with it, for +37% FLOPs
+    # (benchmarks/aot.py --target v4:2x2x2 --batch 128, benchmarks/README.md).
     c.model.bert = dict(preset="bert_base", dtype="bfloat16", param_dtype="float32",
-                        remat=False)
+                        remat=True)
     c.model.share_embedders = True  # one embedder for queries and blocks (released code)
 
     # BERT-base uncased (an HF directory with model.safetensors + config.json) goes into every

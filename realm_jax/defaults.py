@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
         vocab="minilm",  # a vocab.txt path, or "minilm" (the packaged uncased BERT vocab)
         # Pre-training sentences and QA splits: see data/loaders.py ("" = the synthetic KB's).
         sentences="", qa="", qa_format="",
+        # Where registered TFDS datasets (`natural_questions_open`, `tfds:realm_blocks/...`)
+        # are prepared: "" = TFDS's default ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
+        tfds_data_dir="",
         # pretrain_splits: entities whose paraphrased facts pre-train (the rest stay held out).
         synthetic=dict(num_entities=1000, seed=0, pretrain_splits=("train", "dev", "test")),
         query_len=96, block_len=288, reader_len=320, max_masks=10,

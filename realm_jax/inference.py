@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from realm_jax import checkpoints, defaults, initialize, sharding
+from realm_jax import checkpoints, defaults, initialize, multihost, sharding
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.joins import ReaderInputs, TokenizedBlocks, join_reader, tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
@@ -432,7 +432,7 @@ class Realm:
                             (enc_all.input_ids, enc_all.attention_mask, enc_all.token_type_ids,
                              enc_all.truncated)))
             lq = self._bucket(int(enc.lengths.max()), self.query_len)
-            arrays = [jax.device_put(_pad_rows(a[:, :lq], size), self._in2)
+            arrays = [multihost.put_global(_pad_rows(a[:, :lq], size), self._in2)
                       for a in (enc.input_ids, enc.attention_mask, enc.token_type_ids)]
             q = np.asarray(self._embed(q_params, *arrays), np.float32)  # [size, d]
             ids, scores = self.searcher.search(q, k)  # padded rows too: one shape per size
@@ -448,9 +448,9 @@ class Realm:
                         rin.input_ids, rin.attention_mask, rin.token_type_ids, rin.block_mask)),
                         truncated=rin.truncated)
                 chunk.inputs = rin
-                dev = [jax.device_put(_pad_rows(a, size), self._in3) for a in
+                dev = [multihost.put_global(_pad_rows(a, size), self._in3) for a in
                        (rin.input_ids, rin.attention_mask, rin.token_type_ids, rin.block_mask)]
-                ret = jax.device_put(_pad_rows(chunk.retrieval, size), self._in2)
+                ret = multihost.put_global(_pad_rows(chunk.retrieval, size), self._in2)
                 out = self._read(self.params["reader"], *dev, ret, with_logits)
                 chunk.out = {key: np.asarray(v)[:m] for key, v in out.items()}
             yield chunk

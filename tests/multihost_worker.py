@@ -9,7 +9,9 @@ global mesh over 127.0.0.1 with gloo collectives, exactly how the hosts of a TPU
 has the primary write the final parameters (gathered from all processes) to OUT.npz and a
 summary to OUT.json. With `--check=index`, instead exercises the agreement helpers and an
 external-mode `LiveIndex` whose hosts' watchers hold different versions; each process writes
-what it saw to OUT.<process>.json.
+what it saw to OUT.<process>.json. With `--check=answer`, every process loads the ORQA workdir
+(made by the test) with `Realm.load` and answers the questions given with `--question` (an
+evaluation on a pod runs this way), writing its answers to OUT.<process>.json.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--set", action="append", default=[], help="config override key=value")
-    p.add_argument("--check", choices=["train", "index"], default="train")
+    p.add_argument("--question", action="append", default=[], help="for --check=answer")
+    p.add_argument("--check", choices=["train", "index", "answer"], default="train")
     return p.parse_args(argv)
 
 
@@ -55,6 +58,10 @@ def main(argv: list[str]) -> None:
 
     if args.check == "index":
         check_index(args)
+        jax.distributed.shutdown()
+        return
+    if args.check == "answer":
+        check_answer(args)
         jax.distributed.shutdown()
         return
     overrides = {}
@@ -121,6 +128,24 @@ def check_index(args: argparse.Namespace) -> None:
     with open(f"{args.out}.{me}.json", "w") as f:
         json.dump(seen, f)
     multihost.barrier("check_index_done")
+
+
+def check_answer(args: argparse.Namespace) -> None:
+    """Every process answers the same questions over the 8-device mesh of both processes."""
+    import jax
+
+    from realm_jax import multihost
+    from realm_jax.inference import Realm
+
+    realm = Realm.load(args.workdir, batch_size=16)
+    answers = realm.answer(args.question)
+    retrieved = realm.retrieve(args.question, 3)
+    seen = {"devices": [d.process_index for d in realm.mesh.devices.flat],
+            "answers": [[a.text, a.block_id, a.score, a.start_char, a.end_char] for a in answers],
+            "retrieved": [[[r.block_id, r.score] for r in row] for row in retrieved]}
+    with open(f"{args.out}.{jax.process_index()}.json", "w") as f:
+        json.dump(seen, f)
+    multihost.barrier("check_answer_done")
 
 
 if __name__ == "__main__":

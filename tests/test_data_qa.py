@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from realm_jax import defaults
 from realm_jax.data import qa, sources
+from realm_jax.data.loaders import load_qa_split
 
 # (prediction, gold answers, expected EM) — the SQuAD/NQ normalisation, case by case.
 EM_TABLE = [
@@ -144,3 +146,10 @@ def test_tfds_natural_questions_open_path(tmp_path):
         nq = qa.load_qa(name, "validation", data_dir=str(tmp_path))
         assert len(nq) == 1 and not nq.is_regex
         assert nq[0] == {"question": "who wrote it?", "answers": ["Me", "I"], "gold_block": -1}
+    # A run finds it through its config (configs/orqa_nq.py: data.qa, data.tfds_data_dir).
+    config = defaults.base_config()
+    config.data.update(qa="natural_questions_open", tfds_data_dir=str(tmp_path))
+    assert load_qa_split(config, "validation")[0]["answers"] == ["Me", "I"]
+    config.data.tfds_data_dir = str(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="elsewhere"):
+        load_qa_split(config, "validation")

@@ -38,6 +38,7 @@ from realm_jax.data.loaders import (
     load_qa_split,
     load_tokenizer,
 )
+from realm_jax.inference import Realm
 from realm_jax.retrieval import mips, store
 from realm_jax.retrieval.searcher import Searcher
 from realm_jax.tasks import make_task
@@ -193,6 +194,35 @@ def test_two_processes_agree_on_the_index(tmp_path):
         assert s["rows"] == [4 * i, 4 * i + 4] and s["shard"] == [i, 2]
         assert (s["start"], s["step"], s["swaps"]) == (0, 5, 1)
         assert s["ids"] == s["want"]
+
+
+def test_two_processes_answer_like_one(tmp_path, eight_devices):
+    """Inference (and so ORQA's evaluation) on a pod: both processes load the same workdir,
+    place their questions with `put_global` and get the answers of one process × 8 devices."""
+    from test_inference import QUESTIONS, make_workdir
+    from test_inference import tiny as orqa_tiny
+
+    workdir = tmp_path / "orqa"
+    make_workdir(workdir, orqa_tiny())
+    out = str(tmp_path / "answer")
+    questions = QUESTIONS * 4  # 20: a padded batch of 16 and one of 8
+    _run_workers(workdir, out, "--check=answer", *(f"--question={q}" for q in questions))
+    realm = Realm.load(workdir, batch_size=16)
+    want = {"answers": [[a.text, a.block_id, a.score, a.start_char, a.end_char]
+                        for a in realm.answer(questions)],
+            "retrieved": [[[r.block_id, r.score] for r in row]
+                          for row in realm.retrieve(questions, 3)]}
+    assert len({a[0] for a in want["answers"]}) > 1  # not one degenerate answer
+    for i in range(2):
+        got = json.loads(open(f"{out}.{i}.json").read())
+        assert got["devices"] == [0] * 4 + [1] * 4  # one mesh over both processes' devices
+        assert [a[:2] + a[3:] for a in got["answers"]] == [a[:2] + a[3:] for a in want["answers"]]
+        np.testing.assert_allclose([a[2] for a in got["answers"]],
+                                   [a[2] for a in want["answers"]], rtol=1e-5)
+        assert [[r[0] for r in row] for row in got["retrieved"]] == [
+            [r[0] for r in row] for row in want["retrieved"]]
+        np.testing.assert_allclose([[r[1] for r in row] for row in got["retrieved"]],
+                                   [[r[1] for r in row] for row in want["retrieved"]], rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ Config keys (defaults.base_config `data`):
              prepared `realm_sentences` directory, a JSONL file, or "corpus" (every block
              sentence with a salient span, tagged with the regex tagger);
   qa         QA splits: "" with a synthetic corpus, else a `load_qa` spec (realm_qa directory,
-             TFDS name such as natural_questions_open, or a JSONL file with `{split}` in it).
+             TFDS name such as natural_questions_open, or a JSONL file with `{split}` in it);
+  tfds_data_dir  where registered TFDS datasets are prepared ("" = TFDS's default).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def load_corpus(config: ml_collections.ConfigDict, tokenizer: WordPiece | None =
         return load_synthetic(config).corpus
     if not spec:
         raise ValueError("config.data.corpus is empty: name a realm_blocks dataset or 'synthetic'")
-    return BlockCorpus.load(spec)
+    return BlockCorpus.load(spec, _tfds_data_dir(config))
 
 
 def load_pretrain_sentences(
@@ -105,4 +106,11 @@ def load_qa_split(config: ml_collections.ConfigDict, split: str) -> QaSet:
             raise ValueError(f"split {split!r}; the synthetic KB has {synthetic.SPLITS}")
         return load_synthetic(config).qa(split)
     fmt = config.data.get("qa_format", "") or None
-    return load_qa(str(spec).replace("{split}", split), split, fmt=fmt)
+    return load_qa(str(spec).replace("{split}", split), split, data_dir=_tfds_data_dir(config),
+                   fmt=fmt)
+
+
+def _tfds_data_dir(config: ml_collections.ConfigDict) -> str | None:
+    """`data.tfds_data_dir`, or None for TFDS's default (configs saved before the key existed
+    have none)."""
+    return config.data.get("tfds_data_dir", "") or None
