@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from realm_jax import multihost
 from realm_jax.retrieval.refresher import Refresher
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -30,10 +31,7 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    if _MULTIHOST.value:
-        import jax
-
-        jax.distributed.initialize()
+    multihost.initialize(_MULTIHOST.value)  # also REALM_MULTIHOST=1 (launch/tpu_pod.sh)
     if (_CONFIG.value is None) == (_RESOLVED.value is None):
         raise app.UsageError("give exactly one of --config and --resolved_config")
     config = _CONFIG.value

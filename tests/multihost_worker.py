@@ -11,7 +11,9 @@ summary to OUT.json. With `--check=index`, instead exercises the agreement helpe
 external-mode `LiveIndex` whose hosts' watchers hold different versions; each process writes
 what it saw to OUT.<process>.json. With `--check=answer`, every process loads the ORQA workdir
 (made by the test) with `Realm.load` and answers the questions given with `--question` (an
-evaluation on a pod runs this way), writing its answers to OUT.<process>.json.
+evaluation on a pod runs this way), writing its answers to OUT.<process>.json. With
+`--check=refresh`, the processes are a multi-host refresher (`python -m realm_jax.refresh
+--once`): cold start, then the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True)
     p.add_argument("--set", action="append", default=[], help="config override key=value")
     p.add_argument("--question", action="append", default=[], help="for --check=answer")
-    p.add_argument("--check", choices=["train", "index", "answer"], default="train")
+    p.add_argument("--check", choices=["train", "index", "answer", "refresh"], default="train")
     return p.parse_args(argv)
 
 
@@ -62,6 +64,16 @@ def main(argv: list[str]) -> None:
         return
     if args.check == "answer":
         check_answer(args)
+        jax.distributed.shutdown()
+        return
+    if args.check == "refresh":
+        from realm_jax.retrieval.refresher import Refresher
+
+        config = defaults.load_config(os.path.join(args.workdir, "config.json"))
+        published = Refresher(config, args.workdir, progress=False).run(once=True)
+        with open(f"{args.out}.{jax.process_index()}.json", "w") as f:
+            json.dump({"published": published}, f)
+        multihost.barrier("check_refresh_done")
         jax.distributed.shutdown()
         return
     overrides = {}

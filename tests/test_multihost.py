@@ -225,6 +225,35 @@ def test_two_processes_answer_like_one(tmp_path, eight_devices):
                                    [[r[1] for r in row] for row in want["retrieved"]], rtol=1e-5)
 
 
+def test_two_processes_refresh_like_one(tmp_path, eight_devices):
+    """A refresher on a pod (`launch/tpu_pod.sh refresh`): both processes embed, the primary
+    alone publishes, and the versions hold what one process × 8 devices publishes."""
+    import shutil
+
+    from test_inference import make_workdir
+
+    from realm_jax.retrieval.refresher import Refresher
+
+    multi, single = tmp_path / "two_processes", tmp_path / "one_process"
+    make_workdir(multi, tiny(), towers=("embedder",), step=3)
+    shutil.rmtree(multi / store.INDEX_DIR)  # the refresher's cold start builds v0
+    shutil.copytree(multi, single)
+    out = str(tmp_path / "refresh")
+    _run_workers(multi, out, "--check=refresh")
+    for i in range(2):
+        assert json.loads(open(f"{out}.{i}.json").read())["published"] == [0, 3]
+    assert Refresher(tiny(), single, progress=False).run(once=True) == [0, 3]
+    assert store.list_steps(multi) == store.list_steps(single) == [3, 0]
+    assert not [p for p in (multi / "index").iterdir() if p.name.startswith(store.TMP_PREFIX)]
+    for step in (0, 3):
+        got, want = store.load_version(multi, step), store.load_version(single, step)
+        np.testing.assert_allclose(got.embeddings, want.embeddings, atol=1e-5)
+        assert got.meta["corpus_fingerprint"] == want.meta["corpus_fingerprint"]
+    # The checkpoint's embedder moved the index: v3 is not v0 again.
+    assert np.abs(store.load_version(multi, 3).embeddings
+                  - store.load_version(multi, 0).embeddings).max() > 1e-2
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, eight_devices):
     multi, single = tmp_path / "two_processes", tmp_path / "one_process"
