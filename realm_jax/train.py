@@ -284,8 +284,9 @@ def train(
                     f"non-finite loss {metrics['loss']} (grad norm {metrics['grad_norm']}) at "
                     f"step {step}; the last good checkpoint is {manager.latest_step()} in "
                     f"{checkpoints.checkpoint_dir(workdir)}")
-            metrics.update(host_metrics, index_step=live.searcher.step,
-                           staleness_steps=live.staleness(step), index_swaps=live.swaps)
+            metrics.update(host_metrics, index_step=live.searcher.step, index_swaps=live.swaps)
+            if live.mode != "frozen":  # ORQA's index never changes: no staleness to report
+                metrics["staleness_steps"] = live.staleness(step)
             step += 1
             steps_since += 1
             history.append({"step": step, **metrics})
@@ -299,7 +300,8 @@ def train(
                 t_last, steps_since = now, 0
                 logger.write(step, metrics)
             logger.progress(1, {"loss": f"{metrics['loss']:.3f}",
-                                "stale": metrics["staleness_steps"], "v": live.searcher.step})
+                                "stale": metrics.get("staleness_steps", "-"),
+                                "v": live.searcher.step})
             every = c.eval.every_steps or (c.orqa.eval_every if c.task == "orqa" else 0)
             if (every and step % every == 0) or step == total:
                 result = task.evaluate(params, live.searcher)

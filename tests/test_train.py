@@ -91,7 +91,8 @@ def test_both_tasks_train_three_steps(tmp_path, eight_devices):
     result = train(tiny(), pre, progress=False)
     assert result.step == 3 and result.origin == "scratch"
     assert all(np.isfinite(h["loss"]) for h in result.history)
-    assert {"mlm_accuracy", "retrieval_utility", "gold_recall_at_k"} <= set(result.history[0])
+    assert {"mlm_accuracy", "retrieval_utility", "gold_recall_at_k",
+            "staleness_steps"} <= set(result.history[0])
     assert result.evals and "gold_recall_at_5" in result.evals[-1]
     assert (pre / "config.json").exists() and list((pre / "tensorboard").iterdir())
     lines = [json.loads(x) for x in (pre / "metrics.jsonl").read_text().splitlines()]
@@ -108,6 +109,7 @@ def test_both_tasks_train_three_steps(tmp_path, eight_devices):
     assert result.step == 3 and result.origin == f"init:{pre}"
     assert all(np.isfinite(h["loss"]) for h in result.history)
     assert {"retriever_loss", "reader_loss"} <= set(result.history[0])
+    assert "staleness_steps" not in result.history[0]  # a frozen index is never stale
     assert store.list_steps(ft) == [0]
     embedder = BlockEmbedder(config, jax.sharding.Mesh(np.array(jax.devices()).reshape(8, 1, 1),
                                                        ("data", "fsdp", "model")))
