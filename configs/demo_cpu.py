@@ -9,10 +9,11 @@ MiniLM, on a 2-core CPU in about ten minutes.
 Args: "" (pre-training, refresher as a subprocess), "norefresh" (the paper's ablation: the
 same pre-training with the index never refreshed), "orqa" (fine-tuning on the train questions).
 
-Why these sizes (budget: ~170 GFLOP/s of float32 matmul on 2 cores; MiniLM-L6 costs about
-22 MFLOP per token forward): blocks of 32 wordpieces cut the ~1,100 generated pages into
-~10k blocks of one or two sentences each, so a full re-embedding is ~7 TFLOP (≈ 40–60 s,
-while training shares the cores) and several refreshes fit into the pre-training minutes;
+Why these sizes (budget: a 2-core CPU, ~500 GFLOP/s float32 matmul peak measured, ~40 % of it
+reached by a training step — benchmarks/train_speed.py; MiniLM-L6 costs about 22 MFLOP per
+token forward): blocks of 32 wordpieces cut the ~1,100 generated pages into ~10k blocks of one
+or two sentences each, so a full re-embedding is ~7 TFLOP (≈ 32 s alone, longer while
+training shares the cores) and several refreshes fit into the pre-training minutes;
 k = 5 candidates (null + 4) of 32 + 32-wordpiece joins keep a step of 16 queries at ~3 s;
 100 pre-training steps with a checkpoint every 25 give the refresher 3–4 refreshes.
 MiniLM's mean pooling without a projection keeps its pretrained retrieval quality at step 0.
