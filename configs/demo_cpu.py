@@ -42,7 +42,7 @@ def get_config(arg: str | None = None):
     # keeps MiniLM's embedding geometry while the encoder learns to copy from the blocks.
     c.train.update(batch_size=16, steps=100, lr=3e-4, warmup_steps=15, checkpoint_every=25,
                    keep_checkpoints=5, log_every=5, lr_scale={"embedder": 0.1})
-    c.eval.update(every_steps=25, split="dev", recall_k=5, batch_size=64)
+    c.eval.update(every_steps=25, split="dev", recall_k=5, batch_size=64, at_start=True)
     c.orqa.update(searcher_beam_size=40, reader_beam_size=4, eval_every=50)
 
     if arg == "norefresh":
@@ -53,7 +53,7 @@ def get_config(arg: str | None = None):
         c.init.path = ""  # set to the pre-training workdir
         c.train.update(batch_size=16, steps=80, lr=5e-5, warmup_steps=8, checkpoint_every=40,
                        lr_scale={})
-        c.eval.every_steps = 0  # dev EM once, at the end (the demo's table reports it)
+        c.eval.update(every_steps=0, at_start=False)  # dev EM once, at the end
         c.orqa.eval_every = 0
     elif arg not in (None, "", "pretrain"):
         raise ValueError(f"configs/demo_cpu.py: unknown arg {arg!r} (pretrain|norefresh|orqa)")

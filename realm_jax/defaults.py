@@ -87,8 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     # Held-out evaluation during training: gold-block recall@k of the QA split's questions
     # against the current index (realm_mlm), EM on it (orqa). 0 = only at the end.
+    # at_start: also before the first step of a fresh run (the baseline of the curve).
     c.eval = ml_collections.ConfigDict(dict(
-        every_steps=0, split="dev", recall_k=5, batch_size=64, max_examples=0,
+        every_steps=0, split="dev", recall_k=5, batch_size=64, max_examples=0, at_start=False,
     ))
     # ORQA fine-tuning.
     c.orqa = ml_collections.ConfigDict(dict(

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from realm_jax import checkpoints, defaults, initialize, sharding
+from realm_jax import checkpoints, defaults, sharding
 from realm_jax.data import loaders
 from realm_jax.retrieval import store
 from realm_jax.retrieval.searcher import open_searcher
@@ -120,12 +120,15 @@ def run(workdir: epath.PathLike = "runs/demo", ablation: bool = False,
                                                  _config("norefresh"), root / "norefresh")
     timings["finetune_s"] = _phase("fine-tuning", ft, ft_dir)
 
-    # Recall before: MiniLM on the initial index. After: the pre-trained embedder on the index
-    # it built for fine-tuning (a full fresh re-embedding, not the last stale version).
-    mesh = sharding.make_mesh(dict(pre.mesh))
-    init, _ = initialize.initial_params(pre, ["embedder"], mesh)
+    # Recall before: MiniLM on the initial index (the trainer's step-0 evaluation, eval.at_start:
+    # the refresher may have pruned index v0 since). After: the pre-trained embedder on the
+    # index it built for fine-tuning (a full fresh re-embedding, not the last stale version).
+    start = _evals(pre_dir, "gold_recall_at_5")
+    if not start or start[0][0] != 0:
+        raise RuntimeError(f"{pre_dir / 'metrics.jsonl'} has no step-0 evaluation: delete "
+                           f"{pre_dir} and run the demo again")
+    before = start[0][1]
     _, towers = checkpoints.load_pretrained(pre_dir)
-    before = recall_at(pre, init["embedder"], pre_dir, 0)
     after = recall_at(pre, jax.device_put(towers["embedder"]), ft_dir, 0)
     swaps = [json.loads(x).get("index_swaps", 0)
              for x in (pre_dir / "metrics.jsonl").read_text().splitlines()]

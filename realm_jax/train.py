@@ -264,9 +264,18 @@ def train(
     history: list[dict[str, float]] = []
     evals: list[dict[str, float]] = []
     meta = {"task": c.task, "origin": origin}
+    def evaluate(at: int) -> None:
+        result = task.evaluate(params, live.searcher)
+        if result:
+            evals.append({"step": at, **result})
+            logger.write(at, result, kind="eval")
+            log.info("step %d eval: %s", at, result)
+
     try:
         live.start(step, params)
         log.info("training %s from step %d (%s) to %d", c.task, step, origin, total)
+        if step == 0 and c.eval.get("at_start", False):
+            evaluate(0)  # the baseline the curve starts from (index v0, initial towers)
         t_last, steps_since = time.time(), 0
         while step < total:
             live.before_step(step, params)
@@ -304,11 +313,7 @@ def train(
                                 "v": live.searcher.step})
             every = c.eval.every_steps or (c.orqa.eval_every if c.task == "orqa" else 0)
             if (every and step % every == 0) or step == total:
-                result = task.evaluate(params, live.searcher)
-                if result:
-                    evals.append({"step": step, **result})
-                    logger.write(step, result, kind="eval")
-                    log.info("step %d eval: %s", step, result)
+                evaluate(step)
         manager.wait_until_finished()
     finally:
         live.close()
