@@ -5,7 +5,7 @@
 # About 10 minutes on a 2-core laptop. Extra arguments go to `python -m realm_jax.demo`
 # (--workdir DIR, --ablation, --question "...").
 set -euo pipefail
-source "$(dirname "$0")/env.sh"
+source "$(dirname "$0")/env.sh" ""  # no extras (not this script's arguments)
 # One CPU device using every core: emulating 8 devices only adds overhead on a laptop.
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 python -m realm_jax.demo "$@"
