@@ -1,5 +1,5 @@
 """The embedded default (`./launch/demo.sh`): REALM on the generated knowledge base, from
-MiniLM, on a 2-core CPU in about ten minutes.
+MiniLM, on a 2-core CPU in about 11 minutes.
 
     ./launch/demo.sh                 # = python -m realm_jax.demo --workdir runs/demo
     python -m realm_jax.train --config configs/demo_cpu.py --workdir runs/demo/pretrain
