@@ -264,7 +264,9 @@ def train(
     history: list[dict[str, float]] = []
     evals: list[dict[str, float]] = []
     meta = {"task": c.task, "origin": origin}
+
     def evaluate(at: int) -> None:
+        """Held-out evaluation with the current `params`; logged as kind "eval" at `at`."""
         result = task.evaluate(params, live.searcher)
         if result:
             evals.append({"step": at, **result})
