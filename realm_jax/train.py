@@ -296,8 +296,9 @@ def train(
                     f"step {step}; the last good checkpoint is {manager.latest_step()} in "
                     f"{checkpoints.checkpoint_dir(workdir)}")
             metrics.update(host_metrics, index_step=live.searcher.step, index_swaps=live.swaps)
-            if live.mode != "frozen":  # ORQA's index never changes: no staleness to report
-                metrics["staleness_steps"] = live.staleness(step)
+            stale = live.staleness(step)
+            if stale is not None:  # ORQA's frozen index has none to report
+                metrics["staleness_steps"] = stale
             step += 1
             steps_since += 1
             history.append({"step": step, **metrics})

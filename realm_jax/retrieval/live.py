@@ -168,8 +168,9 @@ class LiveIndex:
             self.waited_s += time.monotonic() - t0
         return self.searcher.step != before
 
-    def staleness(self, step: int) -> int:
-        return step - self.searcher.step
+    def staleness(self, step: int) -> int | None:
+        """Steps the searched index is behind `step`; None for a frozen index (never stale)."""
+        return None if self.mode == "frozen" else step - self.searcher.step
 
     # ------------------------------------------------------------------ internals
     def _use(self, version: store.IndexVersion) -> None:
