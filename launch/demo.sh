@@ -2,8 +2,8 @@
 # Install realm_jax into .venv and run the embedded default end to end (configs/demo_cpu.py):
 # pre-train REALM from MiniLM on the generated knowledge base with the index refresher as a
 # subprocess, fine-tune ORQA, evaluate on held-out people, answer a question with evidence.
-# About 11 minutes (17 with --ablation) on a 2-core laptop. Extra arguments go to `python -m realm_jax.demo`
-# (--workdir DIR, --ablation, --question "...").
+# About 11 minutes (17 with --ablation) on a 2-core laptop. Extra arguments go to
+# `python -m realm_jax.demo` (--workdir DIR, --ablation, --question "...").
 set -euo pipefail
 source "$(dirname "$0")/env.sh" ""  # no extras (not this script's arguments)
 # One CPU device using every core: emulating 8 devices only adds overhead on a laptop.

@@ -58,22 +58,9 @@ def main(argv: list[str]) -> None:
     from realm_jax import defaults, multihost
     from realm_jax.train import train
 
-    if args.check == "index":
-        check_index(args)
-        jax.distributed.shutdown()
-        return
-    if args.check == "answer":
-        check_answer(args)
-        jax.distributed.shutdown()
-        return
-    if args.check == "refresh":
-        from realm_jax.retrieval.refresher import Refresher
-
-        config = defaults.load_config(os.path.join(args.workdir, "config.json"))
-        published = Refresher(config, args.workdir, progress=False).run(once=True)
-        with open(f"{args.out}.{jax.process_index()}.json", "w") as f:
-            json.dump({"published": published}, f)
-        multihost.barrier("check_refresh_done")
+    checks = {"index": check_index, "answer": check_answer, "refresh": check_refresh}
+    if args.check in checks:
+        checks[args.check](args)
         jax.distributed.shutdown()
         return
     overrides = {}
@@ -142,6 +129,15 @@ def check_index(args: argparse.Namespace) -> None:
     multihost.barrier("check_index_done")
 
 
+def answers_seen(realm, questions: list[str]) -> dict:
+    """What `realm` answers and retrieves (top 3) for `questions`, as JSON-able lists; the
+    test computes the same on one process to compare."""
+    return {"answers": [[a.text, a.block_id, a.score, a.start_char, a.end_char]
+                        for a in realm.answer(questions)],
+            "retrieved": [[[r.block_id, r.score] for r in row]
+                          for row in realm.retrieve(questions, 3)]}
+
+
 def check_answer(args: argparse.Namespace) -> None:
     """Every process answers the same questions over the 8-device mesh of both processes."""
     import jax
@@ -150,14 +146,25 @@ def check_answer(args: argparse.Namespace) -> None:
     from realm_jax.inference import Realm
 
     realm = Realm.load(args.workdir, batch_size=16)
-    answers = realm.answer(args.question)
-    retrieved = realm.retrieve(args.question, 3)
     seen = {"devices": [d.process_index for d in realm.mesh.devices.flat],
-            "answers": [[a.text, a.block_id, a.score, a.start_char, a.end_char] for a in answers],
-            "retrieved": [[[r.block_id, r.score] for r in row] for row in retrieved]}
+            **answers_seen(realm, args.question)}
     with open(f"{args.out}.{jax.process_index()}.json", "w") as f:
         json.dump(seen, f)
     multihost.barrier("check_answer_done")
+
+
+def check_refresh(args: argparse.Namespace) -> None:
+    """The processes are one refresher (`python -m realm_jax.refresh --once` on a pod)."""
+    import jax
+
+    from realm_jax import defaults, multihost
+    from realm_jax.retrieval.refresher import Refresher
+
+    config = defaults.load_config(os.path.join(args.workdir, "config.json"))
+    published = Refresher(config, args.workdir, progress=False).run(once=True)
+    with open(f"{args.out}.{jax.process_index()}.json", "w") as f:
+        json.dump({"published": published}, f)
+    multihost.barrier("check_refresh_done")
 
 
 if __name__ == "__main__":
