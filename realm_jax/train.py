@@ -256,10 +256,11 @@ def train(
     if data_state:
         data.set_state(data_state)
     manager = checkpoints.checkpoint_manager(workdir, keep=max(c.train.keep_checkpoints, 5))
-    needs_refresher = c.task == "orqa" or c.refresh.mode == "sync"
+    mode = task.index_mode or c.refresh.mode
+    needs_refresher = mode in ("frozen", "sync")
     refresher = Refresher(c, workdir, corpus=corpus, progress=False) if needs_refresher else None
     live = LiveIndex(c, workdir, mesh, corpus_fp=corpus.fingerprint, refresher=refresher,
-                     mode="frozen" if c.task == "orqa" else None)
+                     mode=mode)
     logger = _Logger(workdir, step, total, progress)
     history: list[dict[str, float]] = []
     evals: list[dict[str, float]] = []
@@ -295,7 +296,9 @@ def train(
                     f"non-finite loss {metrics['loss']} (grad norm {metrics['grad_norm']}) at "
                     f"step {step}; the last good checkpoint is {manager.latest_step()} in "
                     f"{checkpoints.checkpoint_dir(workdir)}")
-            metrics.update(host_metrics, index_step=live.searcher.step, index_swaps=live.swaps)
+            metrics.update(host_metrics, index_swaps=live.swaps)
+            if live.index_step is not None:
+                metrics["index_step"] = live.index_step
             stale = live.staleness(step)
             if stale is not None:  # ORQA's frozen index has none to report
                 metrics["staleness_steps"] = stale
@@ -304,7 +307,7 @@ def train(
             history.append({"step": step, **metrics})
             if step % c.train.checkpoint_every == 0 or step == total:
                 checkpoints.save_train_state(manager, step, params, opt_state, data.get_state(),
-                                             {**meta, "index_step": live.searcher.step})
+                                             {**meta, "index_step": live.index_step})
             if step % c.train.log_every == 0 or step == total:
                 now = time.time()
                 metrics["steps_per_s"] = steps_since / max(now - t_last, 1e-9)
@@ -313,7 +316,7 @@ def train(
                 logger.write(step, metrics)
             logger.progress(1, {"loss": f"{metrics['loss']:.3f}",
                                 "stale": metrics.get("staleness_steps", "-"),
-                                "v": live.searcher.step})
+                                "v": live.index_step})
             every = c.eval.every_steps or (c.orqa.eval_every if c.task == "orqa" else 0)
             if (every and step % every == 0) or step == total:
                 evaluate(step)

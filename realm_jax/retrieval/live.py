@@ -41,7 +41,7 @@ from realm_jax.retrieval.searcher import Searcher, open_searcher
 from realm_jax.retrieval.watcher import IndexWatcher
 
 log = logging.getLogger(__name__)
-MODES = ("subprocess", "external", "sync", "frozen")
+MODES = ("subprocess", "external", "sync", "frozen", "none")
 
 
 def _die_with_parent() -> None:
@@ -66,7 +66,8 @@ class LiveIndex:
       corpus_fp: the corpus fingerprint every version must carry (refuses an index of
         another corpus).
       refresher: an in-process `Refresher` (sync and frozen modes: embeds and publishes).
-      mode: overrides `config.refresh.mode` (the ORQA task passes "frozen").
+      mode: overrides `config.refresh.mode` (the ORQA task passes "frozen"; a task that
+        searches nothing, such as ICT or plain MLM, passes "none": no index, no searcher).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: epath.PathLike, mesh, *,
@@ -105,6 +106,8 @@ class LiveIndex:
         `every_steps`), re-embedding with `params` if it is missing; so a resumed run
         searches exactly what it would have searched without the interruption.
         """
+        if self.mode == "none":
+            return None
         if self.mode == "frozen":
             self.refresher.cold_start()  # no-op if the run already has its index
             latest = multihost.agree(store.latest_step(self.workdir))
@@ -148,7 +151,7 @@ class LiveIndex:
     # ------------------------------------------------------------------ between steps
     def before_step(self, step: int, params: dict[str, Any]) -> bool:
         """Refresh / swap / wait as the mode says; True if a new version was swapped in."""
-        if self.mode == "frozen":
+        if self.mode in ("frozen", "none"):
             return False
         if self.mode == "sync":
             if self.every > 0 and step % self.every == 0 and step > self.searcher.step:
@@ -168,9 +171,15 @@ class LiveIndex:
             self.waited_s += time.monotonic() - t0
         return self.searcher.step != before
 
+    @property
+    def index_step(self) -> int | None:
+        """The step of the version searched now; None without an index (mode "none")."""
+        return None if self.searcher is None else self.searcher.step
+
     def staleness(self, step: int) -> int | None:
-        """Steps the searched index is behind `step`; None for a frozen index (never stale)."""
-        return None if self.mode == "frozen" else step - self.searcher.step
+        """Steps the searched index is behind `step`; None for a frozen index (never stale) or
+        none at all."""
+        return None if self.mode in ("frozen", "none") else step - self.searcher.step
 
     # ------------------------------------------------------------------ internals
     def _use(self, version: store.IndexVersion) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from realm_jax import defaults, multihost, sharding
 from realm_jax.data.blocks import BlockCorpus
@@ -138,11 +139,35 @@ def gold_recall(
     return float((ids == gold[keep][:, None]).any(-1).mean())
 
 
+def fresh_searcher(config: ml_collections.ConfigDict, mesh, embedder_params: PyTree,
+                   blocks: TokenizedBlocks, embedder: Any = None) -> Searcher:
+    """An exact, in-memory index of every block embedded with `embedder_params` now.
+
+    Why: the live index is stale by design, so recall against it mixes what the retriever
+    learned with how old the index is. Recall against this one measures the retriever alone
+    (the same re-embedding the refresher does, not published). `embedder`: a
+    `refresher.BlockEmbedder` to reuse (its jitted function compiles once per instance).
+    """
+    from realm_jax.retrieval import mips
+    from realm_jax.retrieval.refresher import BlockEmbedder
+    from realm_jax.retrieval.store import IndexVersion
+
+    embedder = embedder or BlockEmbedder(config, mesh)
+    table = embedder(embedder_params, blocks, progress=False)  # [N, d]
+    version = IndexVersion(step=-1, embeddings=table, meta={}, path=epath.Path("<fresh>"))
+    index = mips.ExactIndex.build(table, mesh, dtype=config.retrieval.table_dtype,
+                                  rules=tuple(tuple(x) for x in config.rules))
+    return Searcher(version, "exact", index)
+
+
 class Task(abc.ABC):
     """A training task: towers, host-side preparation of a batch, and a pure loss."""
 
     name: str
     towers: tuple[str, ...]
+    # The LiveIndex mode the task needs: None = `config.refresh.mode` (REALM's live index),
+    # "frozen" (ORQA: built once), "none" (ICT, plain MLM: nothing is searched while training).
+    index_mode: str | None = None
 
     def __init__(self, config: ml_collections.ConfigDict, mesh, corpus: BlockCorpus | None,
                  blocks: TokenizedBlocks | None, tokenizer: WordPiece | None):
@@ -193,14 +218,20 @@ class Task(abc.ABC):
         """Held-out metrics on `config.eval.split` with the current index."""
 
 
+# task name → (module, class); imported on demand so that a task's module may import this one.
+TASKS = {
+    "realm_mlm": ("realm_jax.tasks.realm_mlm", "RealmMlm"),
+    "orqa": ("realm_jax.tasks.orqa", "Orqa"),
+    "ict": ("realm_jax.tasks.ict", "Ict"),
+    "mlm": ("realm_jax.tasks.mlm", "Mlm"),
+}
+
+
 def make_task(config: ml_collections.ConfigDict, mesh, corpus: BlockCorpus,
               blocks: TokenizedBlocks, tokenizer: WordPiece) -> Task:
-    if config.task == "realm_mlm":
-        from realm_jax.tasks.realm_mlm import RealmMlm
+    if config.task not in TASKS:
+        raise ValueError(f"task={config.task!r}; accepted: {', '.join(TASKS)}")
+    import importlib
 
-        return RealmMlm(config, mesh, corpus, blocks, tokenizer)
-    if config.task == "orqa":
-        from realm_jax.tasks.orqa import Orqa
-
-        return Orqa(config, mesh, corpus, blocks, tokenizer)
-    raise ValueError(f"task={config.task!r}; accepted: realm_mlm, orqa")
+    module, cls = TASKS[config.task]
+    return getattr(importlib.import_module(module), cls)(config, mesh, corpus, blocks, tokenizer)

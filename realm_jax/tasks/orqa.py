@@ -34,6 +34,7 @@ MAX_ANSWER_SPANS = 8
 class Orqa(Task):
     name = "orqa"
     towers = ("query_embedder", "reader")
+    index_mode = "frozen"
 
     def __init__(self, *args):
         super().__init__(*args)
