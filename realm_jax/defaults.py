@@ -83,18 +83,36 @@ def base_config() -> ml_collections.ConfigDict:
         checkpoint_every=1000, keep_checkpoints=5, log_every=50,
         warmup_steps=-1,  # -1: min(10000, max(100, steps / 10)) as the released code
         lr_scale={},  # per-tower learning-rate multipliers, e.g. {"embedder": 0.1}
+        # per-tower steps without updates at the start, e.g. {"embedder": 100}: REALM's
+        # retriever waits while the encoder learns to read (optim.frozen_then)
+        freeze_steps={},
         mlm_variant="per_token",  # "per_token" (released code) | "per_sequence" (paper text)
+    ))
+    # REALM pre-training's retriever signal (models/losses.py: score_scale, realm_loss).
+    c.realm = ml_collections.ConfigDict(dict(
+        score_scale="none",  # f(x,z) factor before p(z|x): "none" | "inv_sqrt_d" | "0.2"
+        retriever_loss="marginal",  # "marginal" (REALM) | "pdist" (Atlas: reader as teacher)
+        teacher_temperature=1.0,  # pdist: softmax(log p(y|z,x) / T) over the candidates
     ))
     # Held-out evaluation during training: gold-block recall@k of the QA split's questions
     # against the current index (realm_mlm), EM on it (orqa). 0 = only at the end.
     # at_start: also before the first step of a fresh run (the baseline of the curve).
     c.eval = ml_collections.ConfigDict(dict(
         every_steps=0, split="dev", recall_k=5, batch_size=64, max_examples=0, at_start=False,
+        # realm_mlm: also recall against an index re-embedded at each evaluation (a full pass
+        # over the corpus: cheap on the generated KB, hours on Wikipedia), and how many
+        # held-out pre-training sentences measure retrieval utility (generated KB).
+        fresh_index=False, heldout_sentences=128,
     ))
     # ORQA fine-tuning.
     c.orqa = ml_collections.ConfigDict(dict(
         searcher_beam_size=5000, reader_beam_size=5, eval_every=1000,
     ))
+    # Inverse Cloze Task (task="ict", tasks/ict.py), the retriever's warm start: a random
+    # sentence of a block is the query, its block the positive among the batch's blocks.
+    # mask_rate: probability that the sentence is removed from its block (ORQA: 0.9; otherwise
+    # the block keeps it, so word overlap stays evidence of relevance).
+    c.ict = ml_collections.ConfigDict(dict(mask_rate=0.9))
     # Plain masked LM (task="mlm", tasks/mlm.py), the knowledge-augmented encoder's warm start
     # (MiniLM ships no MLM head) and the paper's baseline encoder: no retrieval.
     c.mlm = ml_collections.ConfigDict(dict(

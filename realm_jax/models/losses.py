@@ -72,6 +72,80 @@ def marginal_mlm_loss(
     return loss, aux
 
 
+RETRIEVER_LOSSES = ("marginal", "pdist")
+SCORE_SCALES = ("none", "inv_sqrt_d")
+
+
+def score_scale(kind: str, dim: int) -> float:
+    """The factor on f(x, z) before the softmax over candidates.
+
+    Why: 128-d LayerNorm'd embeddings have norm ≈ √128, so raw inner products span tens of
+    nats and p(z|x) starts near one-hot: only the top candidate gets gradient, and a retriever
+    that is wrong at step 0 stays wrong. "inv_sqrt_d" divides by √d (attention's scaling);
+    a number (as a string, e.g. "0.2") multiplies by it; "none" is the released code.
+    """
+    if kind == "none":
+        return 1.0
+    if kind == "inv_sqrt_d":
+        return 1.0 / float(dim) ** 0.5
+    try:
+        value = float(kind)
+    except ValueError:
+        raise ValueError(f"score_scale={kind!r}; accepted: {SCORE_SCALES} or a number") from None
+    if not value > 0:
+        raise ValueError(f"score_scale={kind!r} must be positive")
+    return value
+
+
+def realm_loss(
+    mlm_logits: Array,
+    labels: Array,
+    label_weights: Array,
+    retrieval_logits: Array,
+    variant: str = "per_token",
+    retriever_loss: str = "marginal",
+    teacher_temperature: float = 1.0,
+) -> tuple[Array, dict[str, Array]]:
+    """REALM pre-training loss with a choice of signal for the retriever.
+
+    "marginal" (REALM): one loss, −log Σ_z p(z|x) p(y|z,x); the retriever's gradient is the
+    posterior minus the prior, Σ_z [p(z|x,y) − p(z|x)] ∇f(x,z), so a candidate the retriever
+    already ignores (p(z|x) ≈ 0) hardly moves, however much it helps the encoder.
+
+    "pdist" (Atlas's perplexity distillation, Izacard et al. 2022): the encoder still takes
+    the marginal, with p(z|x) held fixed; the retriever is fitted by KL(p_teacher ‖ p(z|x))
+    to the teacher p_teacher(z) = softmax_z(log p(y|z,x) / T) — the encoder's per-candidate
+    likelihood (mean over masked tokens), a stop-gradient target that ignores the current
+    ranking. Its gradient Σ_z [p(z|x) − p_teacher(z)] ∇f(x,z) pushes up the blocks that help
+    the encoder even when the retriever ranks them low.
+
+    Args:
+      mlm_logits, labels, label_weights, retrieval_logits, variant: see `marginal_mlm_loss`.
+      retriever_loss: "marginal" | "pdist".
+      teacher_temperature: T of the pdist teacher.
+
+    Returns:
+      (loss [], aux): `marginal_mlm_loss`'s aux plus "retriever_loss" [] (the pdist KL; the
+      marginal itself for "marginal").
+    """
+    if retriever_loss not in RETRIEVER_LOSSES:
+        raise ValueError(f"retriever_loss={retriever_loss!r}; accepted: {RETRIEVER_LOSSES}")
+    if retriever_loss == "marginal":
+        loss, aux = marginal_mlm_loss(mlm_logits, labels, label_weights, retrieval_logits,
+                                      variant)
+        return loss, {**aux, "retriever_loss": loss}
+    fixed = jax.lax.stop_gradient(retrieval_logits)
+    loss, aux = marginal_mlm_loss(mlm_logits, labels, label_weights, fixed, variant)
+    w = label_weights.astype(jnp.float32)
+    per_cand = jnp.sum(token_log_probs(mlm_logits, labels) * w[:, None, :], -1)  # [B, K]
+    per_cand = per_cand / jnp.maximum(jnp.sum(w, -1, keepdims=True), 1.0)
+    teacher = jax.nn.softmax(jax.lax.stop_gradient(per_cand) / teacher_temperature, axis=-1)
+    log_student = jax.nn.log_softmax(retrieval_logits.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(teacher * (jnp.log(jnp.maximum(teacher, 1e-30)) - log_student), axis=-1)
+    retriever = jnp.mean(kl)
+    return loss + retriever, {**aux, "retriever_loss": retriever}
+
+
 def marginal_log_likelihood_loss(logits: Array, is_correct: Array) -> Array:
     """−log Σ_{correct} softmax(logits), zero where no candidate is correct.
 

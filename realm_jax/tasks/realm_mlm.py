@@ -23,12 +23,19 @@ import numpy as np
 
 from realm_jax.data import loaders
 from realm_jax.data.joins import join_mlm
-from realm_jax.data.pipeline import mesh_shard, pretrain_dataset
+from realm_jax.data.pipeline import PretrainBatcher, mesh_shard, pretrain_dataset, to_global
 from realm_jax.models import Embedder, KnowledgeAugEncoder
 from realm_jax.models.embedder import relevance_scores
-from realm_jax.models.losses import marginal_mlm_loss
+from realm_jax.models.losses import realm_loss, score_scale
 from realm_jax.retrieval.searcher import Searcher, realm_candidates
-from realm_jax.tasks.common import PyTree, Task, gold_recall, query_tower, search_host_rows
+from realm_jax.tasks.common import (
+    PyTree,
+    Task,
+    fresh_searcher,
+    gold_recall,
+    query_tower,
+    search_host_rows,
+)
 
 
 class RealmMlm(Task):
@@ -49,6 +56,11 @@ class RealmMlm(Task):
         self.join_len = self.query_len + self.block_len
         self.embedder = Embedder(self.cfg)
         self.encoder = KnowledgeAugEncoder(self.cfg)
+        r = c.get("realm", {})  # resolved configs written before the section existed lack it
+        self.score_scale = score_scale(r.get("score_scale", "none"),
+                                       self.cfg.proj_size or self.cfg.bert.hidden_size)
+        self.retriever_loss = r.get("retriever_loss", "marginal")
+        self.teacher_temperature = float(r.get("teacher_temperature", 1.0))
         self._eval_qa = None
 
     @functools.cached_property
@@ -107,24 +119,30 @@ class RealmMlm(Task):
 
     # ------------------------------------------------------------------ device side
     def loss(self, params, inputs, rng):
+        return self._forward(params, inputs, rng, deterministic=False)
+
+    def _forward(self, params, inputs, rng, deterministic: bool):
+        """(loss, metrics) of a batch; dropout only when not `deterministic` (training)."""
         r_query, r_cand, r_enc = jax.random.split(rng, 3)
         x = inputs
         q = self.embedder.apply({"params": query_tower(params)}, x["query_ids"], x["query_mask"],
-                                x["query_types"], deterministic=False,
+                                x["query_types"], deterministic=deterministic,
                                 rngs={"dropout": r_query})  # [B, d]
         z = self.embedder.apply({"params": params["embedder"]}, x["cand_ids"], x["cand_mask"],
-                                x["cand_types"], deterministic=False,
+                                x["cand_types"], deterministic=deterministic,
                                 rngs={"dropout": r_cand})  # [B, K, d]
-        retrieval_logits = relevance_scores(q, z)  # [B, K]
+        retrieval_logits = relevance_scores(q, z) * self.score_scale  # [B, K]
         mlm_logits = self.encoder.apply(
             {"params": params["encoder"]}, x["join_ids"], x["join_mask"], x["join_types"],
-            x["mlm_positions"], deterministic=False, rngs={"dropout": r_enc})  # [B, K, M, V]
-        loss, aux = marginal_mlm_loss(mlm_logits, x["mlm_labels"], x["mlm_weights"],
-                                      retrieval_logits, self.config.train.mlm_variant)
+            x["mlm_positions"], deterministic=deterministic, rngs={"dropout": r_enc})
+        loss, aux = realm_loss(mlm_logits, x["mlm_labels"], x["mlm_weights"], retrieval_logits,
+                               self.config.train.mlm_variant, self.retriever_loss,
+                               self.teacher_temperature)
         p_z = jax.nn.softmax(retrieval_logits, axis=-1)
         metrics = {
             "mlm_accuracy": aux["accuracy"],
             "retrieval_utility": jnp.mean(aux["retrieval_utility"]),
+            "retriever_loss": aux["retriever_loss"],
             "p_null": jnp.mean(p_z[:, 0]),
             "p_top": jnp.mean(jnp.max(p_z, axis=-1)),
         }
@@ -132,17 +150,85 @@ class RealmMlm(Task):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, params: PyTree, searcher: Searcher) -> dict[str, float]:
-        """Gold-block recall@k of the eval split's questions against the current index."""
+        """Held-out measures of what the retriever and the encoder learned (synthetic KB, or
+        a config with QA data for recall):
+
+        - `gold_recall_at_k`: gold-block recall@k of the eval split's questions against the
+          live index (stale by up to a refresh interval);
+        - `fresh_gold_recall_at_k` (`eval.fresh_index`): the same against an index re-embedded
+          now with the current embedder, so retriever quality and staleness separate;
+        - `heldout_retrieval_utility`, `heldout_mlm_accuracy` (synthetic KB): on the
+          pre-training sentences of the eval split's entities, never trained on, retrieved
+          with the live index: log p(y|x) − log p(y|x, null document) per masked token (the
+          paper's App. D says it rises through pre-training).
+        """
         c = self.config.eval
-        if not loaders.is_synthetic(self.config) and not self.config.data.get("qa", ""):
-            return {}
+        out: dict[str, float] = {}
+        if loaders.is_synthetic(self.config) or self.config.data.get("qa", ""):
+            questions, gold = self._eval_questions()
+            recall = functools.partial(gold_recall, self.queries, query_tower(params),
+                                       tokenizer=self.tokenizer, questions=questions,
+                                       gold_blocks=gold, k=c.recall_k, max_length=self.query_len)
+            out[f"gold_recall_at_{c.recall_k}"] = recall(searcher=searcher)
+            if c.get("fresh_index", False):
+                fresh = fresh_searcher(self.config, self.mesh, params["embedder"], self.blocks,
+                                       self._block_embedder)
+                out[f"fresh_gold_recall_at_{c.recall_k}"] = recall(searcher=fresh)
+        if loaders.is_synthetic(self.config):
+            out.update(self.heldout_utility(params, searcher))
+        return out
+
+    def _eval_questions(self) -> tuple[list[str], np.ndarray]:
         if self._eval_qa is None:
+            c = self.config.eval
             qa = loaders.load_qa_split(self.config, c.split)
             n = len(qa) if not c.max_examples else min(len(qa), c.max_examples)
             rows = [qa[i] for i in range(n)]
             self._eval_qa = ([r["question"] for r in rows],
                              np.array([r.get("gold_block", -1) for r in rows], np.int32))
-        questions, gold = self._eval_qa
-        recall = gold_recall(self.queries, query_tower(params), searcher, self.tokenizer,
-                             questions, gold, c.recall_k, self.query_len)
-        return {f"gold_recall_at_{c.recall_k}": recall}
+        return self._eval_qa
+
+    @functools.cached_property
+    def _block_embedder(self):
+        from realm_jax.retrieval.refresher import BlockEmbedder
+
+        return BlockEmbedder(self.config, self.mesh)
+
+    @functools.cached_property
+    def _heldout_batches(self) -> list[dict[str, Any]]:
+        """This host's rows of fixed, masked held-out batches of `train.batch_size` rows:
+        the first `eval.heldout_sentences` pre-training sentences of the eval split."""
+        c = self.config
+        source = loaders.load_synthetic(c).sentences((c.eval.split,))
+        b = int(c.train.batch_size)
+        n = min(len(source), int(c.eval.get("heldout_sentences", 128))) // b * b
+        shard = mesh_shard(self.mesh, self.rules)
+        per_host = b // shard.shard_count
+        batches = []
+        for start in range(0, n, b):
+            first = start + shard.shard_index * per_host
+            batcher = PretrainBatcher(source, self.tokenizer, self.query_len,
+                                      int(c.data.max_masks), c.data.masking, first_row=first)
+            batches.append(batcher(np.arange(first, first + per_host),
+                                   np.random.default_rng((c.seed, start))))
+        return batches
+
+    @functools.cached_property
+    def _eval_step(self):
+        def step(params, inputs):
+            _, metrics = self._forward(params, inputs, jax.random.key(0), deterministic=True)
+            return metrics
+
+        return jax.jit(step)
+
+    def heldout_utility(self, params: PyTree, searcher: Searcher) -> dict[str, float]:
+        """Retrieval utility and MLM accuracy on held-out sentences (see `evaluate`)."""
+        sums: dict[str, float] = {}
+        batches = self._heldout_batches
+        for batch in batches:
+            inputs, _ = self.prepare(batch, params, searcher)
+            metrics = jax.device_get(self._eval_step(params, to_global(inputs, self.mesh,
+                                                                       self.rules)))
+            for k in ("retrieval_utility", "mlm_accuracy"):
+                sums[k] = sums.get(k, 0.0) + float(metrics[k]) / len(batches)
+        return {f"heldout_{k}": v for k, v in sums.items()}
