@@ -10,8 +10,8 @@ from its block 90% of the time. Its workdir is what `configs/pretrain_ccnews.py`
         --workdir gs://YOUR_BUCKET/realm/weights/ict_embedder
 
 On a CPU: "demo" warm-starts MiniLM (the embedded demo's model, `configs/demo_cpu.py`) on the
-generated knowledge base, 200 steps in a few minutes on 2 cores, with the fresh-index recall
-measured before and after; "tiny" / "runlocal" is the 1-layer model of `configs/tiny.py`:
+generated knowledge base (200 steps; fresh-index recall@5 0.74 → 0.96 on 2 CPU cores), measured
+before, during and after; "tiny" / "runlocal" is the 1-layer model of `configs/tiny.py`:
 
     python -m realm_jax.train --config configs/ict.py:demo --workdir runs/ict_demo
     python -m realm_jax.train --config configs/demo_cpu.py --workdir runs/demo/pretrain \\
@@ -65,10 +65,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _demo() -> ml_collections.ConfigDict:
     """MiniLM on the generated knowledge base (the embedded demo's model and corpus).
 
-    Blocks of 64 wordpieces hold three sentences on average (32-wordpiece blocks, the REALM
-    demo's, mostly hold one, which would leave ICT only the title to match). A step of 32
-    pairs (32 + 64 wordpieces) is about 0.2 TFLOP: ~1 s on 2 cores; each fresh-index
-    evaluation re-embeds the ~3,800 blocks (~5 TFLOP).
+    Blocks of 48 wordpieces hold two sentences on average (32-wordpiece blocks, the REALM
+    demo's, mostly hold one, which would leave ICT only the title to match); the generated
+    sentences fit 24-wordpiece queries. A step of 16 pairs (24 + 48 wordpieces) is about
+    75 GFLOP; each fresh-index evaluation re-embeds the ~5,500 blocks (~6 TFLOP).
+    Measured on a 2-core CPU shared with other jobs (load ~6): fresh gold recall@5 of the dev
+    questions 0.740 (MiniLM) → 0.966 at step 100 → 0.965 at step 200; 2.2 s/step, 16 min
+    in all with the three evaluations (the gain is in by step 100).
     """
     c = defaults.base_config()
     c.task = "ict"
@@ -78,9 +81,9 @@ def _demo() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1, model=1)
     c.data.corpus = "synthetic"
     c.data.synthetic = dict(num_entities=1130, seed=0, pretrain_splits=("train",))
-    c.data.update(query_len=32, block_len=64)
+    c.data.update(query_len=24, block_len=48)
     c.refresh.batch_size = 256  # blocks per batch of the evaluation's re-embedding
-    c.train.update(batch_size=32, steps=200, lr=3e-5, warmup_steps=20, checkpoint_every=50,
+    c.train.update(batch_size=16, steps=200, lr=3e-5, warmup_steps=20, checkpoint_every=50,
                    keep_checkpoints=5, log_every=10)
     c.eval.update(every_steps=100, split="dev", recall_k=5, batch_size=64, at_start=True)
     return c
