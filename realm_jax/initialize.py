@@ -93,9 +93,13 @@ def _graft(target: PyTree, source: Mapping[str, Any], where: str) -> PyTree:
 
 
 def pretrained_towers(
-    pretrained: Mapping[str, Any], towers: Sequence[str], host_params: Mapping[str, PyTree]
+    pretrained: Mapping[str, Any], towers: Sequence[str], host_params: Mapping[str, PyTree],
+    filled_later: Sequence[str] = (),
 ) -> dict[str, PyTree]:
-    """Host (numpy) params per tower with pretrained weights grafted by the module's rules."""
+    """Host (numpy) params per tower with pretrained weights grafted by the module's rules.
+
+    `filled_later`: towers another source will replace (`init.embedder_path`), so finding no
+    weights for them here is no reason to warn."""
     out = {}
     for tower in towers:
         tree = host_params[tower]
@@ -111,7 +115,9 @@ def pretrained_towers(
                 source.update(pretrained["mlm_head"])
             what = "bert body" + (" + mlm head" if len(source) > 1 else "")
         else:
-            log.warning("no pretrained weights for tower %s: it keeps its random init", tower)
+            if tower not in filled_later:
+                log.warning("no pretrained weights for tower %s: it keeps its random init",
+                            tower)
             out[tower] = tree
             continue
         log.info("tower %s: initialised from pretrained %s", tower, what)
@@ -137,8 +143,9 @@ def initial_params(
     cfg = cfg or defaults.model_config(config)
     params, shardings = init_towers(cfg, towers, mesh, tuple(config.rules), config.seed)
     host = None
-    for key, which in (("path", towers),
-                       ("embedder_path", [t for t in towers if t in RETRIEVER_TOWERS])):
+    retrievers = [t for t in towers if t in RETRIEVER_TOWERS]
+    later = retrievers if config.init.get("embedder_path", "") else []
+    for key, which in (("path", towers), ("embedder_path", retrievers)):
         path = config.init.get(key, "")
         if not path or not which:
             continue
@@ -147,7 +154,8 @@ def initial_params(
         # gather/put_global rather than device_get/device_put: on a pod the parameters span
         # other hosts' devices, and every host holds the same pretrained weights.
         host = multihost.gather(params) if host is None else host
-        host.update(pretrained_towers(pretrained, which, host))
+        host.update(pretrained_towers(pretrained, which, host,
+                                      filled_later=later if key == "path" else ()))
     if host is None:
         return params, shardings
     return jax.tree.map(multihost.put_global, host, shardings), shardings

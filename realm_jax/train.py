@@ -267,8 +267,15 @@ def train(
     meta = {"task": c.task, "origin": origin}
 
     def evaluate(at: int) -> None:
-        """Held-out evaluation with the current `params`; logged as kind "eval" at `at`."""
-        result = task.evaluate(params, live.searcher)
+        """Held-out evaluation with the current `params`; logged as kind "eval" at `at`.
+
+        With `eval.fresh_index`, the index is first brought up to `at` where the refresh mode
+        makes that version anyway (LiveIndex.catch_up); the task is told whether it is fresh,
+        so it re-embeds the corpus itself only when it is not."""
+        fresh = False
+        if c.eval.get("fresh_index", False) and at > 0 and at % c.train.checkpoint_every == 0:
+            fresh = live.catch_up(at, params)
+        result = task.evaluate(params, live.searcher, fresh=fresh or at == live.index_step)
         if result:
             evals.append({"step": at, **result})
             logger.write(at, result, kind="eval")

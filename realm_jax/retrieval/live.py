@@ -171,6 +171,26 @@ class LiveIndex:
             self.waited_s += time.monotonic() - t0
         return self.searcher.step != before
 
+    def catch_up(self, step: int, params: dict[str, Any]) -> bool:
+        """Make the searched index the one of `step`'s parameters if this mode makes one at
+        all, now rather than later; True if the searcher is then that fresh.
+
+        Why: an evaluation of the retriever wants a fresh index, and re-embedding the corpus
+        for it would double the refresh work. In sync mode the version due at `step` is
+        published now (before_step would publish it before the next step: same version,
+        same parameters, so a run stays bitwise the same). With a refresher process, this
+        waits for its version of checkpoint `step`, which it embeds anyway (the caller must
+        have saved that checkpoint).
+        """
+        if self.mode == "sync":
+            if self.every > 0 and step % self.every == 0 and step > self.searcher.step:
+                self._publish(step, params)
+                self._use(store.load_version(self.workdir, step, self.expect))
+        elif self.mode in ("subprocess", "external"):
+            if self.searcher.step < step:
+                self._wait(step)
+        return self.index_step == step
+
     @property
     def index_step(self) -> int | None:
         """The step of the version searched now; None without an index (mode "none")."""

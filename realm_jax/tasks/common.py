@@ -139,6 +139,19 @@ def gold_recall(
     return float((ids == gold[keep][:, None]).any(-1).mean())
 
 
+def eval_questions(config: ml_collections.ConfigDict) -> tuple[list[str], np.ndarray]:
+    """The eval split's questions (at most `eval.max_examples`) and their gold blocks [N]
+    (−1 where unknown): what gold recall measures the retriever on."""
+    from realm_jax.data import loaders
+
+    c = config.eval
+    qa = loaders.load_qa_split(config, c.split)
+    n = len(qa) if not c.max_examples else min(len(qa), c.max_examples)
+    rows = [qa[i] for i in range(n)]
+    return ([r["question"] for r in rows],
+            np.array([r.get("gold_block", -1) for r in rows], np.int32))
+
+
 def fresh_searcher(config: ml_collections.ConfigDict, mesh, embedder_params: PyTree,
                    blocks: TokenizedBlocks, embedder: Any = None) -> Searcher:
     """An exact, in-memory index of every block embedded with `embedder_params` now.
@@ -214,8 +227,10 @@ class Task(abc.ABC):
         """Pure: (scalar loss, scalar metrics) of one batch; differentiated w.r.t. params."""
 
     @abc.abstractmethod
-    def evaluate(self, params: PyTree, searcher: Searcher) -> dict[str, float]:
-        """Held-out metrics on `config.eval.split` with the current index."""
+    def evaluate(self, params: PyTree, searcher: Searcher | None, fresh: bool = False
+                 ) -> dict[str, float]:
+        """Held-out metrics on `config.eval.split` with the current index (None for a task
+        without one); `fresh`: that index was embedded from these very `params`."""
 
 
 # task name → (module, class); imported on demand so that a task's module may import this one.

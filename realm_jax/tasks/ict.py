@@ -31,7 +31,7 @@ from realm_jax.data.ict import ict_dataset, nonempty_blocks
 from realm_jax.data.pipeline import mesh_shard
 from realm_jax.models import Embedder
 from realm_jax.retrieval.searcher import Searcher
-from realm_jax.tasks.common import PyTree, Task, fresh_searcher, gold_recall
+from realm_jax.tasks.common import PyTree, Task, eval_questions, fresh_searcher, gold_recall
 
 # The score of a masked (duplicate) negative: exp() of it is 0 in float32, and unlike -inf it
 # keeps every intermediate of the softmax and its gradient finite.
@@ -120,23 +120,20 @@ class Ict(Task):
         return loss, {"ict_accuracy": accuracy}
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, params: PyTree, searcher: Searcher | None) -> dict[str, float]:
+    def evaluate(self, params: PyTree, searcher: Searcher | None, fresh: bool = False
+                 ) -> dict[str, float]:
         """Gold-block recall@k of the eval split's questions against a FRESH exact index of the
         current embedder (ICT keeps no index while training; `searcher` is None).
 
         Only where questions carry gold blocks (the generated KB): real QA sets have none, and
         re-embedding a whole corpus to measure nothing would be waste.
         """
-        del searcher
+        del searcher, fresh
         c = self.config.eval
         if not loaders.is_synthetic(self.config) and not self.config.data.get("qa", ""):
             return {}
         if self._eval_qa is None:
-            qa = loaders.load_qa_split(self.config, c.split)
-            n = len(qa) if not c.max_examples else min(len(qa), c.max_examples)
-            rows = [qa[i] for i in range(n)]
-            self._eval_qa = ([r["question"] for r in rows],
-                             np.array([r.get("gold_block", -1) for r in rows], np.int32))
+            self._eval_qa = eval_questions(self.config)
         questions, gold = self._eval_qa
         if not (gold >= 0).any():
             return {}

@@ -11,8 +11,9 @@ Per batch: host — nothing to retrieve (`index_mode = "none"`), the batch is `d
 device — the encoder reads `[CLS] text [SEP]` as one candidate (K = 1) and the loss is the
 mean cross-entropy over masked positions. Shapes: B batch, L max_len, M max_masks, V vocab.
 
-Config (`defaults.base_config` `mlm`): source "corpus" | "sentences", masking, max_len (0 =
-data.block_len), max_masks (0 = data.max_masks), eval_examples (0 = eval.max_examples or 256).
+Config (`defaults.base_config` `mlm`): source "corpus" | "sentences" | "reading", masking,
+max_len (0 = data.block_len), max_masks (0 = data.max_masks), eval_examples (0 =
+eval.max_examples or 256).
 Evaluation: the held-out MLM loss and accuracy on a fixed set of masked examples — on the
 generated KB the pre-training sentences of the entities in `eval.split`, otherwise the last
 blocks of the corpus (kept out of training when the source is the corpus).
@@ -29,6 +30,7 @@ import numpy as np
 from realm_jax import multihost, sharding
 from realm_jax.data import loaders
 from realm_jax.data import mlm as mlm_data
+from realm_jax.data.examples import Sentences, corpus_sentences
 from realm_jax.data.pipeline import mesh_shard
 from realm_jax.models import KnowledgeAugEncoder
 from realm_jax.models.losses import token_log_probs
@@ -104,12 +106,14 @@ class Mlm(Task):
             examples = self.corpus
             if self._holds_out_corpus():
                 num = len(self.corpus) - min(self.num_eval, len(self.corpus) // 2)
+        elif self.source == "reading":
+            examples = Sentences.from_records(corpus_sentences(self.corpus))
         else:
             examples = loaders.load_pretrain_sentences(c, self.corpus)
         return mlm_data.mlm_dataset(
             self.source, examples, self.tokenizer, batch_size=c.train.batch_size, seed=seed,
             blocks=self.blocks, num_examples=num, max_len=self.max_len,
-            max_masks=self.max_masks, masking=self.masking,
+            max_masks=self.max_masks, masking=self.masking, query_len=int(c.data.query_len),
             shard=mesh_shard(self.mesh, self.rules))
 
     def prepare(self, batch, params, searcher: Searcher | None):
@@ -165,9 +169,10 @@ class Mlm(Task):
         self._eval_batch = {k: batch[k] for k in mlm_data.DEVICE_KEYS}
         return self._eval_batch
 
-    def evaluate(self, params: PyTree, searcher: Searcher | None) -> dict[str, float]:
+    def evaluate(self, params: PyTree, searcher: Searcher | None, fresh: bool = False
+                 ) -> dict[str, float]:
         """Held-out MLM loss and accuracy: token-weighted means over all eval examples."""
-        del searcher
+        del searcher, fresh
         if self._eval_fn is None:
             def sums(encoder_params, inputs):
                 logits = self.logits(encoder_params, inputs)

@@ -118,7 +118,8 @@ class Orqa(Task):
         }
         return loss, metrics
 
-    def evaluate(self, params: PyTree, searcher: Searcher) -> dict[str, float]:
+    def evaluate(self, params: PyTree, searcher: Searcher, fresh: bool = False
+                 ) -> dict[str, float]:
         """Exact match (and answer recall) on the eval split with the inference path."""
         from realm_jax.evaluate import evaluate as evaluate_qa
         from realm_jax.inference import Realm

@@ -31,6 +31,7 @@ from realm_jax.retrieval.searcher import Searcher, realm_candidates
 from realm_jax.tasks.common import (
     PyTree,
     Task,
+    eval_questions,
     fresh_searcher,
     gold_recall,
     query_tower,
@@ -61,7 +62,6 @@ class RealmMlm(Task):
                                        self.cfg.proj_size or self.cfg.bert.hidden_size)
         self.retriever_loss = r.get("retriever_loss", "marginal")
         self.teacher_temperature = float(r.get("teacher_temperature", 1.0))
-        self._eval_qa = None
 
     @functools.cached_property
     def hashes(self) -> np.ndarray:
@@ -149,14 +149,17 @@ class RealmMlm(Task):
         return loss, metrics
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, params: PyTree, searcher: Searcher) -> dict[str, float]:
+    def evaluate(self, params: PyTree, searcher: Searcher, fresh: bool = False
+                 ) -> dict[str, float]:
         """Held-out measures of what the retriever and the encoder learned (synthetic KB, or
         a config with QA data for recall):
 
         - `gold_recall_at_k`: gold-block recall@k of the eval split's questions against the
           live index (stale by up to a refresh interval);
-        - `fresh_gold_recall_at_k` (`eval.fresh_index`): the same against an index re-embedded
-          now with the current embedder, so retriever quality and staleness separate;
+        - `fresh_gold_recall_at_k` (`eval.fresh_index`): the same against an index of the
+          current embedder — the live one if `fresh` (the caller knows it was embedded from
+          these parameters), else re-embedded now — so retriever quality and staleness
+          separate;
         - `heldout_retrieval_utility`, `heldout_mlm_accuracy` (synthetic KB): on the
           pre-training sentences of the eval split's entities, never trained on, retrieved
           with the live index: log p(y|x) − log p(y|x, null document) per masked token (the
@@ -165,28 +168,23 @@ class RealmMlm(Task):
         c = self.config.eval
         out: dict[str, float] = {}
         if loaders.is_synthetic(self.config) or self.config.data.get("qa", ""):
-            questions, gold = self._eval_questions()
+            questions, gold = self._eval_questions
             recall = functools.partial(gold_recall, self.queries, query_tower(params),
                                        tokenizer=self.tokenizer, questions=questions,
                                        gold_blocks=gold, k=c.recall_k, max_length=self.query_len)
             out[f"gold_recall_at_{c.recall_k}"] = recall(searcher=searcher)
             if c.get("fresh_index", False):
-                fresh = fresh_searcher(self.config, self.mesh, params["embedder"], self.blocks,
-                                       self._block_embedder)
-                out[f"fresh_gold_recall_at_{c.recall_k}"] = recall(searcher=fresh)
+                current = searcher if fresh else fresh_searcher(
+                    self.config, self.mesh, params["embedder"], self.blocks,
+                    self._block_embedder)
+                out[f"fresh_gold_recall_at_{c.recall_k}"] = recall(searcher=current)
         if loaders.is_synthetic(self.config):
             out.update(self.heldout_utility(params, searcher))
         return out
 
+    @functools.cached_property
     def _eval_questions(self) -> tuple[list[str], np.ndarray]:
-        if self._eval_qa is None:
-            c = self.config.eval
-            qa = loaders.load_qa_split(self.config, c.split)
-            n = len(qa) if not c.max_examples else min(len(qa), c.max_examples)
-            rows = [qa[i] for i in range(n)]
-            self._eval_qa = ([r["question"] for r in rows],
-                             np.array([r.get("gold_block", -1) for r in rows], np.int32))
-        return self._eval_qa
+        return eval_questions(self.config)
 
     @functools.cached_property
     def _block_embedder(self):
