@@ -116,9 +116,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Plain masked LM (task="mlm", tasks/mlm.py), the knowledge-augmented encoder's warm start
     # (MiniLM ships no MLM head) and the paper's baseline encoder: no retrieval.
     c.mlm = ml_collections.ConfigDict(dict(
-        source="corpus",  # "corpus" ([CLS] title [SEP] body [SEP], body masked) | "sentences"
+        # "corpus" ([CLS] title [SEP] body [SEP], body masked) | "sentences" | "reading"
+        # ([CLS] masked sentence [SEP] its block's body [SEP]: learn to read a joined block)
+        source="corpus",
         masking="random_token",  # "random_token" (BERT 15%, 80/10/10) | "salient" | "random_span"
-        max_len=0,  # wordpieces per example; 0 = data.block_len
+        max_len=0,  # wordpieces per example (reading: the join); 0 = data.block_len
         max_masks=0,  # most masked positions per example; 0 = data.max_masks
         eval_examples=0,  # held-out examples evaluate() scores; 0 = eval.max_examples or 256
     ))

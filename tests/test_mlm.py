@@ -188,6 +188,44 @@ def test_salient_and_sentence_sources(tiny_data):
                                   enc.input_ids[rows[w], batch["mlm_positions"][w]])
 
 
+def test_reading_source_joins_each_sentence_with_its_own_block(tiny_data):
+    """`[CLS] masked sentence [SEP] body [SEP]`: the masked span is in the body that follows
+    (the encoder can learn to read it), in REALM's join layout (segment 1 on the body)."""
+    from realm_jax.data.examples import Sentences, corpus_sentences
+
+    config, tok, corpus, blocks = tiny_data
+    sentences = Sentences.from_records(corpus_sentences(corpus))
+    query_len, max_len = 24, 72
+    batcher = mlm_data.make_batcher("reading", sentences, tok, blocks=blocks, max_len=max_len,
+                                    max_masks=4, masking="salient", query_len=query_len)
+    idx = np.arange(min(40, len(sentences)))
+    batch = batcher(idx, np.random.default_rng(0))
+    assert batch["input_ids"].shape == (len(idx), max_len)
+    checked = 0
+    for i, row in enumerate(batch["input_ids"]):
+        seps = np.flatnonzero(row == tok.sep_id)
+        assert row[0] == tok.cls_id and len(seps) == 2
+        body = row[seps[0] + 1: seps[1]]
+        block = int(sentences[int(idx[i])]["block"])
+        expect = blocks.encode(np.array([block]), max_len).input_ids[0]
+        expect_seps = np.flatnonzero(expect == tok.sep_id)
+        np.testing.assert_array_equal(body, expect[expect_seps[0] + 1: expect_seps[1]][
+            :len(body)])  # the body of the sentence's own block (no title)
+        types = batch["input_types"][i]
+        assert (types[seps[0] + 1: seps[1] + 1] == 1).all() and (types[: seps[0] + 1] == 0).all()
+        w = batch["mlm_weights"][i] > 0
+        labels = batch["mlm_labels"][i][w]
+        positions = batch["mlm_positions"][i][w]
+        assert (row[positions] == tok.mask_id).all() and (positions < seps[0]).all()
+        if batch["truncated"][i] or not len(labels):
+            continue
+        hits = [j for j in range(len(body) - len(labels) + 1)
+                if np.array_equal(body[j: j + len(labels)], labels)]
+        assert hits, (i, labels, body)  # the answer is there to be read
+        checked += 1
+    assert checked >= len(idx) // 2
+
+
 def test_dataset_resumes_from_its_state(tiny_data):
     config, tok, corpus, blocks = tiny_data
     make = lambda: iter(mlm_data.mlm_dataset(  # noqa: E731

@@ -10,7 +10,10 @@ paper's "baseline encoder"). Its examples come from one of two sources (`mlm.sou
                query, and a block's body is the text REALM retrieves;
   "sentences"  the pre-training sentences (`loaders.load_pretrain_sentences`) as
                `[CLS] sentence [SEP]`, masked by `pipeline.PretrainBatcher` (the REALM query
-               layout without retrieval).
+               layout without retrieval);
+  "reading"    a sentence of a corpus block, masked, joined with that block's body as REALM
+               joins a query with a candidate (`ReadingMlmBatcher`): the encoder learns to fill
+               the span from the block it reads.
 
 Masking (`mlm.masking`) is `data/masking.py`'s: "random_token" (BERT: 15 %, 80/10/10),
 "random_span" or "salient" (a sentence's own spans; a block's from the regex tagger), with
@@ -39,10 +42,10 @@ from grain.sharding import ShardOptions
 
 from realm_jax.data import masking as masking_lib
 from realm_jax.data import pipeline
-from realm_jax.data.joins import TokenizedBlocks
+from realm_jax.data.joins import TokenizedBlocks, join_mlm
 from realm_jax.data.tokenizer import WordPiece
 
-SOURCES = ("corpus", "sentences")
+SOURCES = ("corpus", "sentences", "reading")
 DEVICE_KEYS = ("input_ids", "input_mask", "input_types", "mlm_positions", "mlm_labels",
                "mlm_weights")
 
@@ -143,13 +146,62 @@ class SentenceMlmBatcher:
                 "index": q["index"], "truncated": q["truncated"], "fallback": q["fallback"]}
 
 
+@dataclasses.dataclass
+class ReadingMlmBatcher:
+    """Sentence indices [B] + rng → `[CLS] masked sentence [SEP] its block's body [SEP]`.
+
+    Why: REALM's encoder must learn to *read* — to fill a masked span from the block joined
+    after the query — before its per-block likelihood can teach the retriever anything. Plain
+    MLM from MiniLM teaches the head but not that. Here the masked span is in the context
+    (the sentence's own block, unlike REALM, which prohibits this trivial retrieval), so the
+    only way to the answer is to find it there: the encoder learns the copy REALM's joins
+    then ask for, from the corpus alone (no questions, no gold blocks). The layout is
+    REALM's join (`joins.join_mlm`: no title, segment 1 on the body).
+    """
+
+    source: Any  # corpus sentences: source[i] → {"text", "spans", "block"} (examples.py)
+    blocks: TokenizedBlocks
+    tokenizer: WordPiece
+    query_len: int = 96
+    max_len: int = 384  # the join: query_len + the body
+    max_masks: int = 10
+    masking: str = "salient"
+    tagger: masking_lib.Tagger | None = None
+    first_row: int = 0
+
+    def __post_init__(self):
+        if self.max_len < self.query_len + 2:
+            raise ValueError(f"mlm.max_len={self.max_len} leaves no room for a body after a "
+                             f"{self.query_len}-wordpiece query")
+        self._query = pipeline.PretrainBatcher(self.source, self.tokenizer, self.query_len,
+                                               self.max_masks, self.masking, self.tagger,
+                                               first_row=self.first_row)
+
+    def __call__(self, indices: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+        q = self._query(indices, rng)
+        join = join_mlm(q["query_ids"], q["query_len"], self.blocks, q["source_block"][:, None],
+                        self.max_len)
+        return {"input_ids": join.input_ids[:, 0], "input_mask": join.attention_mask[:, 0],
+                "input_types": join.token_type_ids[:, 0], "mlm_positions": q["mlm_positions"],
+                "mlm_labels": q["mlm_labels"], "mlm_weights": q["mlm_weights"],
+                "index": q["index"], "truncated": q["truncated"] | join.truncated[:, 0],
+                "fallback": q["fallback"]}
+
+
 def make_batcher(
     source: str, examples: Any, tokenizer: WordPiece, *, blocks: TokenizedBlocks | None = None,
     max_len: int = 288, max_masks: int = 10, masking: str = "random_token",
-    tagger: masking_lib.Tagger | None = None, first_row: int = 0,
-) -> BlockMlmBatcher | SentenceMlmBatcher:
+    tagger: masking_lib.Tagger | None = None, first_row: int = 0, query_len: int = 96,
+) -> BlockMlmBatcher | SentenceMlmBatcher | ReadingMlmBatcher:
     """The batcher of `source` ("corpus": `examples` is the BlockCorpus and `blocks` its
-    tokenisation; "sentences": `examples` are pre-training sentences)."""
+    tokenisation; "sentences": `examples` are pre-training sentences; "reading": `examples`
+    are the corpus' sentences (`examples.corpus_sentences`), `blocks` the corpus tokenised,
+    and `query_len` the length of the masked sentence inside the `max_len` join)."""
+    if source == "reading":
+        if blocks is None:
+            raise ValueError("mlm source 'reading' needs the corpus' TokenizedBlocks")
+        return ReadingMlmBatcher(examples, blocks, tokenizer, query_len, max_len, max_masks,
+                                 masking, tagger, first_row)
     if source == "corpus":
         if blocks is None:
             raise ValueError("mlm source 'corpus' needs the corpus' TokenizedBlocks")
@@ -174,6 +226,7 @@ def mlm_dataset(
     max_masks: int = 10,
     masking: str = "random_token",
     tagger: masking_lib.Tagger | None = None,
+    query_len: int = 96,
     shard: ShardOptions | None = None,
     num_epochs: int | None = None,
     num_threads: int = 2,
@@ -191,7 +244,7 @@ def mlm_dataset(
         raise ValueError(f"{n} MLM examples, fewer than one batch of {batch_size}")
     batcher = make_batcher(source, examples, tokenizer, blocks=blocks, max_len=max_len,
                            max_masks=max_masks, masking=masking, tagger=tagger,
-                           first_row=shard.shard_index * per_host)
+                           first_row=shard.shard_index * per_host, query_len=query_len)
     seed = pipeline._seed(seed)
     ds = (grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
           .batch(batch_size, drop_remainder=True))
