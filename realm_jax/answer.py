@@ -104,7 +104,8 @@ def answer_all(
                 record["warning"] = warning
                 if k is None:
                     record.pop("retrieved")
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                # allow_nan=False: strict JSON parsers refuse NaN (to_json writes null).
+                out.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
             else:
                 out.write(format_answer(a, warning, show_retrieved=k is not None) + "\n")
         out.flush()

@@ -97,9 +97,20 @@ class Answer:
     error: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """A dict that strict JSON can hold: a score that is not a finite number (a rejected
+        question has none) is None, written `null`, never `NaN`."""
         d = dataclasses.asdict(self)
         d["retrieved"] = [r._asdict() for r in self.retrieved]
+        for key in ("score", "probability", "retrieval_score"):
+            d[key] = _finite_or_none(d[key])
+        for r in d["retrieved"]:
+            r["score"] = _finite_or_none(r["score"])
         return d
+
+
+def _finite_or_none(x: float) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,55 @@
+"""The `answer` command's output, on a stand-in model (no weights: `answer_all` only calls
+`realm.answer`), so these run in milliseconds. The command on a real model: test_inference."""
+
+import io
+import json
+
+from realm_jax.answer import answer_all, from_arguments
+from realm_jax.inference import Answer, Retrieved
+
+
+class FakeRealm:
+    """Answers every question with the same span; an empty question gets an error Answer, as
+    `Realm.answer(errors="return")` does."""
+
+    def answer(self, questions, *, k=None, errors="raise"):
+        assert errors == "return"
+        out = []
+        for q in questions:
+            if not q.strip():
+                out.append(Answer(question=q, text="", score=float("nan"), probability=0.0,
+                                  block_id=-1, title="", block_text="", start_char=-1,
+                                  end_char=-1, error="question is empty or whitespace-only"))
+                continue
+            text = "Darwin wrote it in 1859."
+            out.append(Answer(question=q, text="Darwin", score=3.5, probability=0.9, block_id=7,
+                              title="Origin", block_text=text, start_char=0, end_char=6,
+                              retrieval_score=1.25, block_rank=0,
+                              retrieved=(Retrieved(7, "Origin", text, 1.25),)))
+        return out
+
+
+def _refuse(constant):
+    raise ValueError(f"not strict JSON: {constant}")
+
+
+def test_json_output_is_strict_json_for_a_rejected_question():
+    out, err = io.StringIO(), io.StringIO()
+    status = answer_all(FakeRealm(), from_arguments(["who wrote it?", "   "]), out, err,
+                        as_json=True, k=1)
+    assert status == 1 and "error: argument 2" in err.getvalue()
+    lines = out.getvalue().splitlines()
+    records = [json.loads(line, parse_constant=_refuse) for line in lines]
+    assert records[1]["error"] and records[1]["score"] is None
+    assert records[0]["score"] == 3.5 and records[0]["retrieved"][0]["score"] == 1.25
+
+
+def test_to_json_writes_null_for_every_non_finite_score():
+    a = Answer(question="q", text="", score=float("inf"), probability=float("nan"), block_id=1,
+               title="", block_text="", start_char=-1, end_char=-1,
+               retrieval_score=float("-inf"), retrieved=(Retrieved(1, "", "", float("nan")),))
+    d = a.to_json()
+    assert d["score"] is d["probability"] is d["retrieval_score"] is None
+    assert d["retrieved"][0]["score"] is None
+    json.dumps(d, allow_nan=False)
+
