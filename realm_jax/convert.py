@@ -2,7 +2,10 @@
 orbax format, once. This is the only place a PyTorch `.bin` (a pickle) is ever read.
 
     python -m realm_jax.convert --from hf_realm --src path/to/realm-orqa-nq-openqa --out DIR \
-        [--allow_pickle]
+        [--allow_pickle] [--overwrite]
+
+DIR must be new or empty: a non-empty DIR (a training workdir, an earlier conversion) is refused
+unless --overwrite is given, since the converted files would replace what is there.
 
 A Hugging Face open-QA model (`RealmForOpenQA` weights with their `block_emb`, plus the
 retriever's `block_records.npy` and `vocab.txt`) becomes, with `--allow_pickle` (the block
@@ -39,13 +42,19 @@ OPENQA_QUERY_LEN = 64
 
 
 def convert(
-    kind: str, src: epath.PathLike, out: epath.PathLike, allow_pickle: bool = False
+    kind: str, src: epath.PathLike, out: epath.PathLike, allow_pickle: bool = False,
+    overwrite: bool = False,
 ) -> epath.Path:
     """Read `src` (safetensors, or pytorch_model.bin through torch) and write `out`; an HF
-    open-QA source with its block records also gets a corpus and index (module docstring)."""
+    open-QA source with its block records also gets a corpus and index (module docstring).
+
+    Raises:
+      FileExistsError: `out` is a file, or a non-empty directory and `overwrite` is False.
+    """
     if kind not in SOURCES:
         raise ValueError(f"--from {kind!r}; accepted: {SOURCES}")
     src, out = epath.Path(src), epath.Path(out)
+    check_out(out, overwrite)
     found = checkpoints.detect_format(src)
     if found != kind:
         raise ValueError(f"{src} looks like {found!r}, not {kind!r}")
@@ -56,6 +65,16 @@ def convert(
     if kind == "hf_realm" and "block_emb" in tensors:
         write_openqa(src, out, cfg, tensors["block_emb"], allow_pickle)
     return out
+
+
+def check_out(out: epath.Path, overwrite: bool) -> None:
+    """Refuse an `out` that is a file, or a non-empty directory without `overwrite`: writing
+    there would break what it holds (a training workdir no longer loads)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and not overwrite and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} is not empty: choose a new directory, or pass "
+                              "--overwrite to write the converted files into it")
 
 
 def openqa_config(cfg: RealmModelConfig, hf: dict) -> ml_collections.ConfigDict:
@@ -89,7 +108,8 @@ def write_openqa(src: epath.Path, out: epath.Path, cfg: RealmModelConfig, block_
         return False
     if not allow_pickle:
         logging.warning("%s is a pickle: converted the weights only. To answer questions, "
-                        "re-run with --allow_pickle (only for a file you trust)", records)
+                        "re-run with --allow_pickle --overwrite (only for a file you trust)",
+                        records)
         return False
     if not (src / "vocab.txt").exists():
         raise FileNotFoundError(f"{src / 'vocab.txt'} is missing: the open-QA directory needs "
@@ -117,11 +137,16 @@ _OUT = flags.DEFINE_string("out", None, "Output directory (orbax + realm_jax.jso
 _ALLOW_PICKLE = flags.DEFINE_bool(
     "allow_pickle", False, f"Read an open-QA model's {BLOCK_RECORDS} (a pickle: trusted files "
     "only) so the output can answer questions.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Write into a non-empty --out (its converted files are replaced).")
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    out = convert(_FROM.value, _SRC.value, _OUT.value, _ALLOW_PICKLE.value)
+    try:
+        out = convert(_FROM.value, _SRC.value, _OUT.value, _ALLOW_PICKLE.value, _OVERWRITE.value)
+    except FileExistsError as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"converted {_SRC.value} → {out}")
 
 

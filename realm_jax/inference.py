@@ -532,9 +532,10 @@ def _refresh_cmd(root: epath.Path) -> str:
             f"--workdir {root} --once")
 
 
-def _convert_cmd(root: epath.Path, src: str = "HF_OPENQA_DIR") -> str:
+def _convert_cmd(root: epath.Path, src: str = "HF_OPENQA_DIR", overwrite: bool = True) -> str:
+    """The conversion command; `overwrite` for a `root` that exists (convert refuses it else)."""
     return (f"python -m realm_jax.convert --from hf_realm --src {src} --out {root} "
-            "--allow_pickle")
+            "--allow_pickle" + (" --overwrite" if overwrite else ""))
 
 
 def _detect(root: epath.Path) -> str:
@@ -558,7 +559,8 @@ def _detect(root: epath.Path) -> str:
         raise ValueError(
             f"{root} is a Hugging Face REALM directory; the runtime reads no pickles, so "
             f"convert it once (weights, block_emb, block_records.npy): "
-            f"{_convert_cmd(epath.Path('OUT'), str(root))}, then Realm.load('OUT')")
+            f"{_convert_cmd(epath.Path('OUT'), str(root), overwrite=False)}, "
+            "then Realm.load('OUT')")
     if (root / "config.json").exists():
         raise FileNotFoundError(
             f"{checkpoints.checkpoint_dir(root)} does not exist: no checkpoint yet; train "

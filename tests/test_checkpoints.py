@@ -104,6 +104,28 @@ def test_converter_rejects_the_wrong_kind(encoder_dirs, tmp_path):
         convert("hf_bert", encoder_dirs[1], tmp_path / "x")
 
 
+def test_converter_refuses_a_non_empty_out_unless_told_to_overwrite(encoder_dirs, tmp_path):
+    from realm_jax.convert import convert
+
+    out = tmp_path / "workdir"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="is not empty.*--overwrite"):
+        convert("hf_realm", encoder_dirs[2], out)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]  # nothing written
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        convert("hf_realm", encoder_dirs[2], tmp_path / "a_file", overwrite=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "realm_jax.convert", "--from", "hf_realm", "--src",
+         str(encoder_dirs[2]), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --out {out} is not empty")
+    convert("hf_realm", encoder_dirs[2], out, overwrite=True)
+    cfg, _ = checkpoints.load_pretrained(out)
+    assert cfg == checkpoints.load_pretrained(encoder_dirs[2])[0]
+
+
 def _edited_copy(src, dst, edit):
     shutil.copytree(src, dst)
     tensors = load_file(str(dst / "model.safetensors"))
