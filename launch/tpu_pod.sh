@@ -16,7 +16,8 @@
 # FLAGS go to the Python program after --config/--workdir, e.g. --config.train.steps=1000; give
 # train and refresh the same model and data overrides (an index version records the model and
 # corpus it embeds). --dry-run prints the exact commands, one per line, and runs none: it needs
-# neither gcloud nor credentials.
+# neither gcloud nor credentials. It may also follow the command (`train --dry-run ...`): it is
+# never forwarded to the Python program, so a misplaced one can not start a real run.
 #
 # Environment (defaults in brackets):
 #   REALM_PROJECT                 Google Cloud project [gcloud config get-value project]
@@ -360,6 +361,13 @@ main() {
   [[ $# -gt 0 ]] || usage
   local command=$1
   shift
+  # --dry-run counts wherever it stands: forwarded after `train`, it would reach the trainer
+  # while the real ssh ran.
+  local args=() a
+  for a in "$@"; do
+    if [[ $a == --dry-run ]]; then DRY_RUN=1; else args+=("$a"); fi
+  done
+  set -- ${args[@]+"${args[@]}"}
 
   case $command in
     create | setup | logs | stop | status | delete)

@@ -250,6 +250,20 @@ def test_real_run_executes_what_the_dry_run_prints(tmp_path):
     assert out.stderr.startswith("+ gcloud compute tpus tpu-vm ssh realm-train")
 
 
+@pytest.mark.parametrize("args", [["train", "--dry-run"], ["train", "--dry-run", "--x=1"],
+                                  ["create", "--dry-run", "refresh"], ["stop", "--dry-run"]])
+def test_dry_run_after_the_command_runs_nothing(tmp_path, args):
+    env, calls = _fake_gcloud(tmp_path)
+    env.update(SMALL)
+    out = _run(tmp_path, *args, dry=False, env=env)
+    assert out.returncode == 0, out.stderr
+    assert _calls(calls) == []  # no gcloud call, not even `config get-value`
+    rest = [a for a in args if a != "--dry-run"]
+    assert [shlex.split(line) for line in out.stdout.splitlines()] == _commands(
+        tmp_path, *rest, **SMALL)
+    assert "--dry-run" not in out.stdout
+
+
 def test_project_falls_back_to_gcloud_config(tmp_path):
     env, calls = _fake_gcloud(tmp_path, project="from-gcloud-config")
     env["REALM_WORKDIR"] = WORKDIR
