@@ -1,4 +1,4 @@
-"""Answer questions from the command line, with the evidence each answer comes from.
+r"""Answer questions from the command line, with the evidence each answer comes from.
 
     python -m realm_jax.answer --workdir DIR "who wrote the origin of species?"
     python -m realm_jax.answer --workdir DIR < questions.txt         # one question per line
@@ -9,11 +9,17 @@ Bad input never stops the others: an empty question is reported on stderr and th
 is 1; a line that is not valid UTF-8 is reported and answered with its undecodable bytes
 replaced (U+FFFD); an over-long question is truncated and noted. Questions are answered in
 batches of --batch_size, and printed in input order as each batch completes.
+
+Output is printable text only: a control character in a question or a block (an escape
+sequence that would retitle or clear the terminal, a binary file's bytes) is shown escaped,
+`\x1b` / `\x07` / `\x9b`, and tabs and line breaks become spaces. JSON lines escape them as
+`\u001b` (strict JSON; never `NaN`: a rejected question's score is `null`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
@@ -29,6 +35,23 @@ SNIPPET_CHARS = 100  # context shown on each side of the answer span
 
 # (question, where it came from, warning): the unit the command answers.
 Item = tuple[str, str, str]
+
+# C0 controls, DEL and C1 controls (U+0080-U+009F: a terminal may read U+009B as CSI).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_C1_AND_DEL = re.compile(r"[\x7f-\x9f]")  # json.dumps(ensure_ascii=False) leaves these raw
+
+
+def printable(text: str) -> str:
+    r"""`text` safe to print on a terminal: whitespace controls become a space, every other
+    control character its escape (ESC -> `\x1b`), so no escape sequence reaches the screen."""
+    return _CONTROL.sub(lambda m: " " if m.group() in "\t\n\r" else
+                        repr(m.group())[1:-1], text)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One line of strict JSON with no raw control character (C0 are escaped by json)."""
+    line = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    return _C1_AND_DEL.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
 
 def read_lines(stream: IO[bytes]) -> Iterator[Item]:
@@ -56,20 +79,22 @@ def snippet(a: Answer, chars: int = SNIPPET_CHARS) -> str:
 
 
 def format_answer(a: Answer, warning: str = "", show_retrieved: bool = False) -> str:
-    lines = [f"Q: {a.question}"]
+    p = printable
+    lines = [f"Q: {p(a.question)}"]
     if warning:
-        lines.append(f"   note: {warning}")
+        lines.append(f"   note: {p(warning)}")
     if a.truncated:
         lines.append("   note: the question was truncated to data.query_len wordpieces")
-    lines.append(f"A: {a.text}    (score {a.score:.3f}, p={a.probability:.3f})")
-    title = f' "{a.title}"' if a.title else ""
+    lines.append(f"A: {p(a.text)}    (score {a.score:.3f}, p={a.probability:.3f})")
+    title = f' "{p(a.title)}"' if a.title else ""
     lines.append(f"   evidence: block {a.block_id}{title} (retrieval rank {a.block_rank + 1}, "
                  f"chars {a.start_char}-{a.end_char}):")
-    lines.append(f"   {snippet(a)}")
+    lines.append(f"   {p(snippet(a))}")
     if show_retrieved:
         for rank, r in enumerate(a.retrieved, 1):
             head = f"{r.title}: " if r.title else ""
-            lines.append(f"   [{rank}] block {r.block_id} ({r.score:.3f}) {head}{r.text[:80]}")
+            lines.append(f"   [{rank}] block {r.block_id} ({r.score:.3f}) "
+                         f"{p(head + r.text[:80])}")
     return "\n".join(lines) + "\n"
 
 
@@ -93,9 +118,9 @@ def answer_all(
         answers = realm.answer([q for q, _, _ in batch], k=k, errors="return")
         for (_, where, warning), a in zip(batch, answers, strict=True):
             if warning:
-                print(f"warning: {where}: {warning}", file=err)
+                print(f"warning: {where}: {printable(warning)}", file=err)
             if a.error:
-                print(f"error: {where}: {a.error}", file=err)
+                print(f"error: {where}: {printable(a.error)}", file=err)
                 status = 1
                 if not as_json:
                     continue
@@ -104,8 +129,7 @@ def answer_all(
                 record["warning"] = warning
                 if k is None:
                     record.pop("retrieved")
-                # allow_nan=False: strict JSON parsers refuse NaN (to_json writes null).
-                out.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+                out.write(json_line(record) + "\n")
             else:
                 out.write(format_answer(a, warning, show_retrieved=k is not None) + "\n")
         out.flush()

@@ -3,14 +3,18 @@
 
 import io
 import json
+import re
 
-from realm_jax.answer import answer_all, from_arguments
+from realm_jax.answer import answer_all, from_arguments, read_lines
 from realm_jax.inference import Answer, Retrieved
 
 
 class FakeRealm:
     """Answers every question with the same span; an empty question gets an error Answer, as
     `Realm.answer(errors="return")` does."""
+
+    def __init__(self, title="Origin", text="Darwin wrote it in 1859."):
+        self.title, self.text = title, text
 
     def answer(self, questions, *, k=None, errors="raise"):
         assert errors == "return"
@@ -21,11 +25,11 @@ class FakeRealm:
                                   block_id=-1, title="", block_text="", start_char=-1,
                                   end_char=-1, error="question is empty or whitespace-only"))
                 continue
-            text = "Darwin wrote it in 1859."
+            text = self.text
             out.append(Answer(question=q, text="Darwin", score=3.5, probability=0.9, block_id=7,
-                              title="Origin", block_text=text, start_char=0, end_char=6,
+                              title=self.title, block_text=text, start_char=0, end_char=6,
                               retrieval_score=1.25, block_rank=0,
-                              retrieved=(Retrieved(7, "Origin", text, 1.25),)))
+                              retrieved=(Retrieved(7, self.title, text, 1.25),)))
         return out
 
 
@@ -53,3 +57,34 @@ def test_to_json_writes_null_for_every_non_finite_score():
     assert d["retrieved"][0]["score"] is None
     json.dumps(d, allow_nan=False)
 
+
+
+# C0 controls but the line feeds that separate the output's lines, DEL, C1 controls.
+RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+HOSTILE = "\033]0;x\007\033[2J"  # retitle the terminal, then clear the screen
+
+
+def test_text_output_is_printable_only():
+    realm = FakeRealm(title="T\x9b1m", text="Darwin\x1b[31m wrote\r\nit\x00.")
+    out, err = io.StringIO(), io.StringIO()
+    items = from_arguments([f"who {HOSTILE}wrote it?", f"{HOSTILE} "])
+    assert answer_all(realm, items, out, err, k=1) == 0
+    text = out.getvalue() + err.getvalue()
+    assert not RAW_CONTROL.search(text), repr(text)
+    assert "Q: who \\x1b]0;x\\x07\\x1b[2Jwrote it?" in text  # shown escaped, not run
+    assert '"T\\x9b1m"' in text and "Darwin\\x1b[31m wrote  it\\x00." in text
+
+    stdin = io.BytesIO(b"\x00\x01\x1b[2J\xff\xfe binary?\n")  # a binary file's bytes
+    out, err = io.StringIO(), io.StringIO()
+    answer_all(realm, read_lines(stdin), out, err)
+    assert not RAW_CONTROL.search(out.getvalue() + err.getvalue())
+
+
+def test_json_output_escapes_every_control_character():
+    question = f"who {HOSTILE}\x9b\x7fwrote it?"
+    out, err = io.StringIO(), io.StringIO()
+    answer_all(FakeRealm(title="T\x85"), from_arguments([question]), out, err, as_json=True)
+    line = out.getvalue().rstrip("\n")
+    assert "\n" not in line and not RAW_CONTROL.search(line), repr(line)
+    record = json.loads(line, parse_constant=_refuse)
+    assert record["question"] == question and record["title"] == "T\x85"
