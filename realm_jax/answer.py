@@ -149,8 +149,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Training workdir or converted open-QA dir.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_bool("json", False, "Write one JSON object per question.")
-    flags.DEFINE_integer("k", None, "Also list the top-k retrieved blocks.")
-    flags.DEFINE_integer("batch_size", 64, "Questions per batch.")
+    flags.DEFINE_integer("k", None, "Also list the top-k retrieved blocks.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 64, "Questions per batch.", lower_bound=1)
     flags.DEFINE_enum("engine", None, ["exact", "scann"], "Override retrieval.engine.")
 
 

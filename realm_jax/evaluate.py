@@ -77,7 +77,8 @@ def evaluate(
       num_examples; one prediction dict per question, in order. An invalid question (empty)
       counts as a miss and its prediction carries the error.
     """
-    n = len(qa_set) if max_examples <= 0 else min(max_examples, len(qa_set))
+    check_counts(k=k, batch_size=batch_size, max_examples=max_examples)
+    n = len(qa_set) if max_examples == 0 else min(max_examples, len(qa_set))
     predictions: list[dict[str, Any]] = []
     t0 = time.time()
     for start in range(0, n, batch_size):
@@ -102,6 +103,16 @@ def evaluate(
     metrics["seconds"] = round(time.time() - t0, 3)
     log.info("evaluated %d questions of %s: %s", n, qa_set.name, metrics)
     return metrics, predictions
+
+
+def check_counts(*, k: int | None = None, batch_size: int | None = None,
+                 max_examples: int | None = None) -> None:
+    """A ValueError naming the first count out of range (None: not given, the config's)."""
+    for name, value, least in (("k", k, 1), ("batch_size", batch_size, 1),
+                               ("max_examples", max_examples, 0)):
+        if value is not None and value < least:
+            meaning = " (0: all)" if name == "max_examples" else ""
+            raise ValueError(f"{name}={value}: must be at least {least}{meaning}")
 
 
 def _metrics(predictions: list[dict[str, Any]], k: int) -> dict[str, Any]:
@@ -145,11 +156,12 @@ def run(
     """What the command does: load, evaluate, write; returns (metrics, output directory)."""
     from realm_jax.data.loaders import load_qa_split
 
+    check_counts(k=k, batch_size=batch_size, max_examples=max_examples)  # before loading
     overrides = {"retrieval.engine": engine} if engine else None
     realm = Realm.load(workdir, step, overrides=overrides, batch_size=batch_size)
     config = config if config is not None else realm.config
     qa_set = load_qa_split(config, split)
-    k = k or int(config.eval.recall_k)
+    k = int(config.eval.recall_k) if k is None else k
     metrics, predictions = evaluate(
         realm, qa_set, batch_size or int(config.eval.batch_size), k,
         max_examples=int(config.eval.max_examples) if max_examples is None else max_examples)
@@ -167,9 +179,12 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Training workdir or converted open-QA dir.")
     flags.DEFINE_string("split", "test", "QA split.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-    flags.DEFINE_integer("k", None, "k of recall@k (default: config.eval.recall_k).")
-    flags.DEFINE_integer("batch_size", None, "Questions per batch (default: config.eval).")
-    flags.DEFINE_integer("max_examples", None, "Evaluate only the first N (0: all).")
+    flags.DEFINE_integer("k", None, "k of recall@k (default: config.eval.recall_k).",
+                         lower_bound=1)
+    flags.DEFINE_integer("batch_size", None, "Questions per batch (default: config.eval).",
+                         lower_bound=1)
+    flags.DEFINE_integer("max_examples", None, "Evaluate only the first N (0: all).",
+                         lower_bound=0)
     flags.DEFINE_string("out_dir", None, "Output directory (WORKDIR/eval/<split>-step<N>).")
     flags.DEFINE_enum("engine", None, ["exact", "scann"], "Override retrieval.engine.")
 

@@ -368,7 +368,7 @@ class Realm:
             raise ValueError(f"errors={errors!r}; accepted: 'raise', 'return'")
         qs, single = _as_list(questions)
         valid, answers = self._validate(qs, errors)
-        k = self._check_k(k or self.reader_beam)
+        k = self._check_k(self.reader_beam if k is None else k)  # k=0 is refused, not "unset"
         for chunk in self._run([qs[i] for i in valid], max(k, self.reader_beam), read=True):
             for j, a in enumerate(self._answers(chunk, [qs[i] for i in valid], k)):
                 answers[valid[chunk.start + j]] = a

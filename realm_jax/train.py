@@ -217,6 +217,13 @@ class _Logger:
 # --------------------------------------------------------------------------- the loop
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """A ValueError naming a setting that would make the run do nothing, or nonsense."""
+    if int(config.train.steps) < 1:  # 0 steps would exit 0 having trained nothing
+        raise ValueError(f"config.train.steps={config.train.steps}: must be at least 1 (the "
+                         "step to train up to)")
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: epath.PathLike,
@@ -232,11 +239,13 @@ def train(
 
     Raises:
       FloatingPointError: a non-finite loss or gradient norm, naming the step.
+      ValueError: a setting no run can use (`check_config`).
     """
     t_start = time.time()
+    c = config
+    check_config(c)  # before anything is written
     workdir = checkpoints.absolute(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    c = config
     if multihost.is_primary():
         defaults.save_resolved(c, workdir)
     mesh = sharding.make_mesh(dict(c.mesh))
@@ -342,6 +351,10 @@ def main(argv: Sequence[str]) -> None:
     del argv
     from absl import flags
 
+    try:
+        check_config(flags.FLAGS.config)
+    except ValueError as e:  # one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
     multihost.initialize(flags.FLAGS.multihost)  # also REALM_MULTIHOST=1 (launch/tpu_pod.sh)
     result = train(flags.FLAGS.config, flags.FLAGS.workdir)
     if multihost.is_primary():

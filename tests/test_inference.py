@@ -202,6 +202,14 @@ def test_empty_question_is_refused(realm, bad):
                                        realm.answer(QUESTIONS[1]).text)
 
 
+@pytest.mark.parametrize("k", [0, -1])
+def test_k_below_one_is_refused_not_read_as_unset(realm, k):
+    with pytest.raises(ValueError, match=f"k={k} must be an int between 1 and the index size"):
+        realm.answer(QUESTIONS[0], k=k)
+    with pytest.raises(ValueError, match=f"k={k}: must be at least 1"):
+        evaluate(realm, load_qa_split(realm.config, "dev"), k=k)
+
+
 def test_overlong_question_is_truncated_and_noted(realm, caplog):
     long = "who " + "really " * 60 + "founded the guild?"
     with caplog.at_level("WARNING"):

@@ -51,6 +51,11 @@ class RealmMlm(Task):
         if self.k < 2:
             raise ValueError(f"retrieval.k={self.k}: REALM needs the null document and at "
                              "least one retrieved block")
+        # k - 1 retrieved blocks besides the null document, none of them the query's own block
+        # (trivial retrieval): more than the corpus holds would pad with null documents.
+        if self.corpus is not None and self.k > len(self.corpus):
+            raise ValueError(f"retrieval.k={self.k} is larger than the corpus, which has "
+                             f"{len(self.corpus)} blocks: set retrieval.k <= {len(self.corpus)}")
         self.fetch = self.k - 1 + int(c.retrieval.extra)
         self.query_len = int(c.data.query_len)
         self.block_len = int(c.data.block_len)
