@@ -8,7 +8,8 @@ it supervises, so overrides given on the trainer's command line reach the refres
 
 Without --once it follows WORKDIR/checkpoints until killed (or until --timeout_s passes with no
 new checkpoint); with --once it builds the initial index if there is none, refreshes from the
-newest checkpoint if that is newer than the index, and exits.
+newest checkpoint if that is newer than the index, and exits. One refresher per index: a second
+one exits at once naming the first one's pid and host (`realm_jax.workdir_lock`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ml_collections import config_flags
 
 from realm_jax import multihost
 from realm_jax.retrieval.refresher import Refresher
+from realm_jax.workdir_lock import WorkdirBusy
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _RESOLVED = flags.DEFINE_string("resolved_config", None, "A run's saved config.json instead.")
@@ -40,7 +42,10 @@ def main(argv: Sequence[str]) -> None:
 
         config = defaults.load_config(_RESOLVED.value)
     refresher = Refresher(config, _WORKDIR.value)
-    published = refresher.run(once=_ONCE.value, timeout_s=_TIMEOUT.value)
+    try:
+        published = refresher.run(once=_ONCE.value, timeout_s=_TIMEOUT.value)
+    except WorkdirBusy as e:  # another refresher publishes into this index: say who
+        raise SystemExit(f"error: {e}") from None
     logging.info("published index versions: %s", published)
     print(f"published index versions: {published}")
 

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from realm_jax import checkpoints, defaults, initialize, multihost, optim, sharding
+from realm_jax import checkpoints, defaults, initialize, multihost, optim, sharding, workdir_lock
 from realm_jax.data import loaders
 from realm_jax.data.joins import tokenize_corpus
 from realm_jax.data.pipeline import to_global
@@ -240,12 +240,21 @@ def train(
     Raises:
       FloatingPointError: a non-finite loss or gradient norm, naming the step.
       ValueError: a setting no run can use (`check_config`).
+      workdir_lock.WorkdirBusy: another trainer holds the workdir (its pid and host named).
     """
     t_start = time.time()
     c = config
     check_config(c)  # before anything is written
     workdir = checkpoints.absolute(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    # One trainer per workdir, for the whole run (before config.json is rewritten).
+    with workdir_lock.hold(workdir_lock.trainer_lock(workdir), "trainer"):
+        return _train(c, workdir, t_start, progress, inject_nan_at)
+
+
+def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, progress: bool,
+           inject_nan_at: int | None) -> TrainResult:
+    """`train` in its locked workdir."""
     if multihost.is_primary():
         defaults.save_resolved(c, workdir)
     mesh = sharding.make_mesh(dict(c.mesh))
@@ -356,7 +365,10 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:  # one line, not a traceback
         raise SystemExit(f"error: {e}") from None
     multihost.initialize(flags.FLAGS.multihost)  # also REALM_MULTIHOST=1 (launch/tpu_pod.sh)
-    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        result = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    except workdir_lock.WorkdirBusy as e:  # another trainer: say who, in one line
+        raise SystemExit(f"error: {e}") from None
     if multihost.is_primary():
         last = result.history[-1] if result.history else {}
         print(json.dumps({"step": result.step, "origin": result.origin,

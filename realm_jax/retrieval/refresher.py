@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from realm_jax import checkpoints, defaults, initialize, multihost, sharding
+from realm_jax import checkpoints, defaults, initialize, multihost, sharding, workdir_lock
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.joins import TokenizedBlocks, tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
@@ -207,7 +207,15 @@ class Refresher:
         """Cold start if needed, then follow checkpoints (`once`: only the newest, then return).
 
         Returns the steps published by this call.
+
+        Raises:
+          workdir_lock.WorkdirBusy: another refresher publishes into this index (named).
         """
+        # One refresher per index (WORKDIR/index/.refresher.lock, not the trainer's lock).
+        with workdir_lock.hold(workdir_lock.refresher_lock(self.workdir), "refresher"):
+            return self._run(once, timeout_s)
+
+    def _run(self, once: bool, timeout_s: float | None) -> list[int]:
         from orbax.checkpoint import checkpoint_utils
 
         self.cold_start()
