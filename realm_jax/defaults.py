@@ -122,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
         masking="random_token",  # "random_token" (BERT 15%, 80/10/10) | "salient" | "random_span"
         max_len=0,  # wordpieces per example (reading: the join); 0 = data.block_len
         max_masks=0,  # most masked positions per example; 0 = data.max_masks
+        mask_rate=0.15,  # "random_token" on "reading" sentences: the share masked
         eval_examples=0,  # held-out examples evaluate() scores; 0 = eval.max_examples or 256
     ))
     return c

@@ -60,8 +60,9 @@ def test_pdist_loss_and_retriever_gradient_match_numpy(temperature):
     tok = np.take_along_axis(logp, np.broadcast_to(labels[:, None, :, None],
                                                    logp.shape[:-1] + (1,)), -1)[..., 0]
     per_cand = (tok * weights[:, None]).sum(-1) / weights.sum(-1, keepdims=True)  # [B, K]
-    teacher = np.exp(np_log_softmax(per_cand / temperature))
-    student = np_log_softmax(retrieval.astype(np.float64))
+    # Over the retrieved candidates only: column 0, the null document, is left out.
+    teacher = np.exp(np_log_softmax(per_cand[:, 1:] / temperature))
+    student = np_log_softmax(retrieval[:, 1:].astype(np.float64))
     kl = (teacher * (np.log(teacher) - student)).sum(-1).mean()
     marginal, _ = marginal_mlm_loss(logits, labels, weights, retrieval)
     np.testing.assert_allclose(float(aux["retriever_loss"]), kl, rtol=1e-5)
@@ -69,8 +70,9 @@ def test_pdist_loss_and_retriever_gradient_match_numpy(temperature):
     # The retriever's gradient is (p(z|x) − teacher) / B: the teacher ignores the ranking.
     grad = jax.grad(lambda r: realm_loss(logits, labels, weights, r, retriever_loss="pdist",
                                          teacher_temperature=temperature)[0])(retrieval)
-    np.testing.assert_allclose(np.asarray(grad), (np.exp(student) - teacher) / len(retrieval),
-                               atol=1e-6)
+    expect = np.zeros_like(retrieval)
+    expect[:, 1:] = (np.exp(student) - teacher) / len(retrieval)
+    np.testing.assert_allclose(np.asarray(grad), expect, atol=1e-6)  # the null gets none
 
 
 def test_marginal_is_the_released_loss_and_unknown_loss_is_refused():

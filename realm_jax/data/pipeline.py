@@ -72,6 +72,7 @@ class PretrainBatcher:
     # Global position of this host's first row in every batch: row i masks with a generator
     # keyed by (batch seed, first_row + i), so masks do not depend on the split over hosts.
     first_row: int = 0
+    mask_rate: float = 0.15  # "random_token": the share of the query's wordpieces masked
 
     def __post_init__(self):
         if self.masking not in MASKINGS:
@@ -125,7 +126,8 @@ class PretrainBatcher:
         tok = self.tokenizer
         if self.masking == "random_token":
             return masking_lib.random_token_mask(row, n, tok.mask_id, tok.vocab_size,
-                                                 tok.special_ids, rng, self.max_masks)
+                                                 tok.special_ids, rng, self.max_masks,
+                                                 rate=self.mask_rate)
         if self.masking == "random_span":
             return masking_lib.random_span_mask(row, n, self._continuation, tok.mask_id, rng,
                                                 self.max_masks)

@@ -116,7 +116,8 @@ def realm_loss(
     the marginal, with p(z|x) held fixed; the retriever is fitted by KL(p_teacher ‖ p(z|x))
     to the teacher p_teacher(z) = softmax_z(log p(y|z,x) / T) — the encoder's per-candidate
     likelihood (mean over masked tokens), a stop-gradient target that ignores the current
-    ranking. Its gradient Σ_z [p(z|x) − p_teacher(z)] ∇f(x,z) pushes up the blocks that help
+    ranking. Both distributions are over the retrieved candidates 1..K−1 (not the null
+    document, candidate 0). Its gradient Σ_z [p(z|x) − p_teacher(z)] ∇f(x,z) pushes up the blocks that help
     the encoder even when the retriever ranks them low.
 
     Args:
@@ -139,8 +140,13 @@ def realm_loss(
     w = label_weights.astype(jnp.float32)
     per_cand = jnp.sum(token_log_probs(mlm_logits, labels) * w[:, None, :], -1)  # [B, K]
     per_cand = per_cand / jnp.maximum(jnp.sum(w, -1, keepdims=True), 1.0)
+    # Distil over the retrieved blocks only, not the null document (candidate 0): an encoder
+    # that does not read yet predicts best from nothing, and a teacher that prefers the null
+    # document teaches the retriever to score it first for every query, which says nothing
+    # about how to rank real blocks (Atlas distils over retrieved passages alone).
+    per_cand, student = per_cand[:, 1:], retrieval_logits[:, 1:]
     teacher = jax.nn.softmax(jax.lax.stop_gradient(per_cand) / teacher_temperature, axis=-1)
-    log_student = jax.nn.log_softmax(retrieval_logits.astype(jnp.float32), axis=-1)
+    log_student = jax.nn.log_softmax(student.astype(jnp.float32), axis=-1)
     kl = jnp.sum(teacher * (jnp.log(jnp.maximum(teacher, 1e-30)) - log_student), axis=-1)
     retriever = jnp.mean(kl)
     return loss + retriever, {**aux, "retriever_loss": retriever}

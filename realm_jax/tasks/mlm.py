@@ -114,6 +114,7 @@ class Mlm(Task):
             self.source, examples, self.tokenizer, batch_size=c.train.batch_size, seed=seed,
             blocks=self.blocks, num_examples=num, max_len=self.max_len,
             max_masks=self.max_masks, masking=self.masking, query_len=int(c.data.query_len),
+            mask_rate=float(c.mlm.get("mask_rate", 0.15)),
             shard=mesh_shard(self.mesh, self.rules))
 
     def prepare(self, batch, params, searcher: Searcher | None):
