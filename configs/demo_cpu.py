@@ -1,60 +1,138 @@
 """The embedded default (`./launch/demo.sh`): REALM on the generated knowledge base, from
-MiniLM, on a 2-core CPU in about 11 minutes.
+MiniLM, on a 2-core CPU.
 
     ./launch/demo.sh                 # = python -m realm_jax.demo --workdir runs/demo
-    python -m realm_jax.train --config configs/demo_cpu.py --workdir runs/demo/pretrain
-    python -m realm_jax.train --config configs/demo_cpu.py:orqa --workdir runs/demo/orqa \\
-        --config.init.path=runs/demo/pretrain
+    python -m realm_jax.train --config configs/demo_cpu.py:mlm --workdir runs/demo/mlm
+    python -m realm_jax.train --config configs/demo_cpu.py --workdir runs/demo/realm_refresh \\
+        --config.init.path=runs/demo/mlm
+    python -m realm_jax.train --config configs/demo_cpu.py:orqa --workdir runs/demo/orqa_refresh \\
+        --config.init.path=runs/demo/realm_refresh --config.init.embedder_path=
 
-Args: "" (pre-training, refresher as a subprocess), "norefresh" (the paper's ablation: the
-same pre-training with the index never refreshed), "orqa" (fine-tuning on the train questions).
+Args (the stages of `realm_jax.stages`):
+  ""          REALM pre-training, the refresher re-embedding the corpus as a subprocess;
+  "norefresh" the paper's ablation: the same pre-training with the index never refreshed;
+  "mlm"       the encoder's warm start: plain masked LM from MiniLM on the corpus, so the
+              knowledge-augmented encoder starts with an MLM head (MiniLM ships none);
+  "orqa"      fine-tuning on the train people's questions (init.path: a REALM workdir, or the
+              mlm workdir for ORQA without REALM pre-training).
 
-Why these sizes (budget: a 2-core CPU, ~500 GFLOP/s float32 matmul peak measured, ~40 % of it
-reached by a training step — benchmarks/train_speed.py; MiniLM-L6 costs about 22 MFLOP per
-token forward): blocks of 32 wordpieces cut the ~1,100 generated pages into ~10k blocks of one
-or two sentences each, so a full re-embedding is ~7 TFLOP (≈ 32 s alone, longer while
-training shares the cores) and several refreshes fit into the pre-training minutes;
-k = 5 candidates (null + 4) of 32 + 32-wordpiece joins keep a step of 16 queries at ~3 s;
-100 pre-training steps with a checkpoint every 25 give the refresher 3–4 refreshes.
-MiniLM's mean pooling without a projection keeps its pretrained retrieval quality at step 0.
+Why these choices (measured: benchmarks/realm_learning.py, README "REALM that learns"):
+  * the retriever is frozen for the first `train.freeze_steps` steps: until the encoder reads
+    the retrieved blocks, p(y|z,x) hardly depends on z and the retriever's gradient is noise
+    that Adam turns into full-size steps (Guu et al. §3.4's cold start; Atlas freezes too);
+  * `realm.retriever_loss="pdist"`: the encoder's per-block likelihood is the retriever's
+    target, whatever the current ranking (the marginal's gradient is posterior − prior, which
+    barely moves a gold block the retriever ranks low);
+  * MiniLM's mean pooling without a projection keeps its pretrained retrieval at step 0, and
+    p(z|x) over MiniLM's unnormalised mean-pooled vectors is not one-hot (p_top ≈ 0.5), so
+    no score scaling is needed here (`realm.score_scale` is there for 128-d LayerNorm'd ones).
+
+Budget (a 2-core CPU; MiniLM-L6 costs ~22 MFLOP per token forward, ×3 with the backward):
+blocks of 32 wordpieces cut the generated pages into one or two sentences each; a REALM
+example reads a 24-wordpiece query, k = 4 candidates of 32 and 4 joins of 56 wordpieces
+(≈ 24 + 4·88 = 376 tokens ≈ 25 GFLOP with the backward).
 """
 
 from realm_jax import defaults
 
+STAGES = ("", "pretrain", "norefresh", "mlm", "ict", "orqa")
+STARTS = ("minilm", "scratch")
+# Every arg, for tests/test_configs.py: the stages of each start ("scratch," is its REALM).
+ARGS = ("", "norefresh", "mlm", "ict", "orqa", "scratch,", "scratch,norefresh", "scratch,mlm",
+        "scratch,ict", "scratch,orqa")
+
 
 def get_config(arg: str | None = None):
+    start, _, stage = (arg or "").rpartition(",")
+    start = start or "minilm"
+    if stage not in STAGES or start not in STARTS:
+        raise ValueError(f"configs/demo_cpu.py: unknown arg {arg!r}; accepted: "
+                         f"[scratch,]STAGE with STAGE in '' (pretrain), norefresh, mlm, ict, orqa")
     c = defaults.base_config()
-    c.model.bert = dict(preset="minilm_l6_h384")
-    c.model.update(pooling="mean", proj_size=0, normalize=False, span_hidden_size=128,
-                   max_span_width=8)
-    c.init.path = "minilm"
     c.mesh = dict(data=-1, fsdp=1, model=1)
-
     c.data.corpus = "synthetic"
-    c.data.synthetic = dict(num_entities=1130, seed=0, pretrain_splits=("train",))
-    c.data.update(query_len=32, block_len=32, reader_len=64, max_masks=6)
+    c.data.synthetic = dict(num_entities=600, seed=0, pretrain_splits=("train",))
+    c.data.update(query_len=24, block_len=48, reader_len=80, max_masks=6)
+    if start == "minilm":
+        c.model.bert = dict(preset="minilm_l6_h384")
+        c.model.update(pooling="mean", proj_size=0, normalize=False, span_hidden_size=128,
+                       max_span_width=8)
+        # The encoder comes from the mlm stage (init.path, set by the demo), the retriever
+        # from MiniLM itself.
+        c.init.update(path="minilm", embedder_path="minilm")
+    else:
+        _scratch(c)
 
-    c.retrieval.update(k=5, extra=1, engine="exact")
+    c.retrieval.update(k=4, extra=1, engine="exact")
     c.refresh.update(mode="subprocess", keep=3, batch_size=256, poll_interval_s=2.0,
                      wait_timeout_s=600.0)
-    # MiniLM ships no MLM head: the encoder's head starts random and its early gradients to the
-    # retriever are noise, which Adam turns into full-size steps. A 10× smaller retriever rate
-    # keeps MiniLM's embedding geometry while the encoder learns to copy from the blocks.
-    c.train.update(batch_size=16, steps=100, lr=3e-4, warmup_steps=15, checkpoint_every=25,
-                   keep_checkpoints=5, log_every=5, lr_scale={"embedder": 0.1})
-    c.eval.update(every_steps=25, split="dev", recall_k=5, batch_size=64, at_start=True)
-    c.orqa.update(searcher_beam_size=40, reader_beam_size=4, eval_every=50)
+    c.realm.update(retriever_loss="pdist")
+    c.train.update(batch_size=16, steps=60, lr=3e-4, warmup_steps=10, checkpoint_every=20,
+                   keep_checkpoints=5, log_every=5, freeze_steps={"embedder": 20},
+                   lr_scale={"embedder": 0.1})
+    c.eval.update(every_steps=20, split="dev", recall_k=5, batch_size=64, at_start=True,
+                  fresh_index=True, heldout_sentences=64)
+    c.orqa.update(searcher_beam_size=40, reader_beam_size=5, eval_every=0)
 
-    if arg == "norefresh":
+    if stage == "norefresh":
         # Ablation: the index built from the initial embedder stays in use for the whole run.
         c.refresh.update(mode="sync", every_steps=0)
-    elif arg == "orqa":
+    elif stage == "mlm":
+        c.task = "mlm"
+        c.init.embedder_path = ""
+        # Half of each sentence masked (every masked wordpiece is in the joined body): BERT's
+        # 15 % gives ~2 per sentence, too few for the encoder to start reading in 100 steps.
+        c.mlm.update(source="reading", masking="random_token", mask_rate=0.5,
+                     max_len=c.data.query_len + c.data.block_len, max_masks=12,
+                     eval_examples=128)
+        c.train.update(batch_size=32, steps=100, lr=1e-3, warmup_steps=10, checkpoint_every=100)
+        c.eval.update(every_steps=0, at_start=False, fresh_index=False)
+    elif stage == "orqa":
         c.task = "orqa"
-        c.init.path = ""  # set to the pre-training workdir
-        c.train.update(batch_size=16, steps=80, lr=5e-5, warmup_steps=8, checkpoint_every=40,
-                       lr_scale={})
-        c.eval.update(every_steps=0, at_start=False)  # dev EM once, at the end
-        c.orqa.eval_every = 0
-    elif arg not in (None, "", "pretrain"):
-        raise ValueError(f"configs/demo_cpu.py: unknown arg {arg!r} (pretrain|norefresh|orqa)")
+        c.init.path = ""  # a REALM workdir, or the mlm one (ORQA without pre-training)
+        c.train.update(batch_size=16, steps=60, lr=5e-5, warmup_steps=6, checkpoint_every=60)
+        c.eval.update(every_steps=0, at_start=False, fresh_index=False)  # dev EM at the end
+    elif stage == "ict":
+        c.task = "ict"
+        c.init.path = c.init.embedder_path
+        c.train.update(batch_size=16, steps=100, lr=3e-5, warmup_steps=10, checkpoint_every=100)
+        c.eval.update(every_steps=0, at_start=True, fresh_index=False)
+    if c.task != "realm_mlm":
+        c.train.freeze_steps = {}  # the retriever-freeze belongs to REALM pre-training
+        c.train.lr_scale = {}
+    if start == "scratch":
+        _scratch_steps(c, stage)
     return c
+
+
+def _scratch(c) -> None:
+    """The paper's setting in miniature: a 2-layer, 128-wide BERT with the released
+    retriever head (pooler → Dense(128) → LayerNorm), every tower from random init: the
+    encoder MLM-trained on the corpus, the retriever ICT-trained (blocks of 64 wordpieces
+    hold ~3 sentences, so ICT has a sentence to take out)."""
+    c.model.bert = dict(preset="tiny", vocab_size=30522, hidden_size=128, num_layers=2,
+                        num_heads=2, intermediate_size=512, max_position_embeddings=128)
+    c.model.update(pooling="cls_pooler", proj_size=128, span_hidden_size=64, max_span_width=8)
+    c.init.update(path="", embedder_path="")
+    c.data.update(block_len=64, reader_len=96)
+    c.realm.score_scale = "inv_sqrt_d"  # LayerNorm'd 128-d vectors: raw scores of ~±128
+
+
+def _scratch_steps(c, stage: str) -> None:
+    """A small model is cheap per step but learns from nothing: more, larger steps."""
+    if stage == "ict":
+        c.train.update(batch_size=64, steps=400, lr=1e-3, warmup_steps=40, checkpoint_every=400)
+        c.eval.every_steps = 100
+    elif stage == "mlm":
+        c.mlm.update(max_len=c.data.query_len + c.data.block_len)
+        c.train.update(batch_size=64, steps=1500, lr=1e-3, warmup_steps=100,
+                       checkpoint_every=1500)
+    elif stage == "orqa":
+        c.train.update(batch_size=32, steps=300, lr=3e-4, warmup_steps=30, checkpoint_every=300)
+    else:
+        c.train.update(batch_size=32, steps=600, lr=1e-3, warmup_steps=30, checkpoint_every=50,
+                       freeze_steps={"embedder": 200})
+        c.refresh.update(mode="sync", every_steps=50)
+        c.eval.update(every_steps=100)
+        if stage == "norefresh":
+            c.refresh.every_steps = 0

@@ -1,0 +1,198 @@
+"""Does REALM pre-training teach the retriever? The paper's comparisons, on the generated KB.
+
+Run (each stage is a `realm_jax.train` run in OUT/<start>/seed<s>/<stage>; a finished stage is
+not run again, so an interrupted benchmark resumes):
+
+    python benchmarks/realm_learning.py --starts minilm --seeds 0 1 2          # the demo's
+    python benchmarks/realm_learning.py --starts scratch --seeds 0 1 2         # paper in mini
+    python benchmarks/realm_learning.py --starts minilm --seeds 0 --arms none refresh
+
+Starts (configs/demo_cpu.py):
+  minilm   MiniLM as the retriever; the encoder MLM-warm-started from MiniLM (the demo);
+  scratch  a 2-layer, 128-wide BERT: encoder MLM-trained on the corpus, retriever ICT-trained,
+           from random init (the paper's setting in miniature).
+Arms, each followed by the same ORQA fine-tuning:
+  none       no REALM pre-training (ORQA from the warm starts: the paper's ORQA row);
+  refresh    REALM pre-training with the index refreshed (`--refresh sync`: re-embedded
+             in-process every `refresh.every_steps`, deterministic and not competing with the
+             trainer for cores; `subprocess`: the demo's asynchronous refresher);
+  norefresh  REALM pre-training with the index never refreshed (the staleness ablation).
+
+Reported per start and arm, median and range over seeds: gold-block recall@5 of held-out
+questions against a *fresh* index after pre-training (and before), held-out retrieval utility
+(last and its rise), ORQA dev EM and answer recall; the ICT stage alone (scratch): fresh
+recall@5 of the untrained vs the ICT-trained embedder. Writes OUT/realm_learning.json and
+OUT/realm_learning.png (recall and utility against step, every seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_utils import cpu_model  # noqa: E402
+
+from realm_jax import stages  # noqa: E402
+
+METRICS = ("recall_before", "recall_after", "utility_first", "utility_last", "em",
+           "answer_recall")
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    if not v:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"median": float(np.median(v)), "min": float(min(v)), "max": float(max(v)),
+            "n": len(v)}
+
+
+def _flatten(arm_result: dict) -> dict[str, float]:
+    utility = arm_result.get("utility_curve") or []
+    recall = [v for k, v in arm_result.items() if k.startswith("answer_recall@")]
+    return {
+        "recall_before": arm_result.get("recall_before", float("nan")),
+        "recall_after": arm_result.get("recall_after", float("nan")),
+        "utility_first": utility[0][1] if utility else float("nan"),
+        "utility_last": utility[-1][1] if utility else float("nan"),
+        "em": arm_result["em"],
+        "answer_recall": recall[0] if recall else float("nan"),
+    }
+
+
+def run(out: str, starts: list[str], seeds: list[int], arms: list[str], refresh: str,
+        overrides: dict) -> dict:
+    results: dict = {"cpu": cpu_model(), "arms": arms, "seeds": seeds, "refresh": refresh,
+                     "overrides": overrides, "runs": {}}
+    for start in starts:
+        for seed in seeds:
+            t0 = time.time()
+            realm_stage = {"refresh.mode": "sync"} if refresh == "sync" else {}
+            if refresh == "sync" and start == "minilm":
+                realm_stage["refresh.every_steps"] = 20
+            pipeline = stages.Pipeline(
+                "demo_cpu", os.path.join(out, start, f"seed{seed}"),
+                start="" if start == "minilm" else start, seed=seed, overrides=overrides,
+                stage_overrides={"": realm_stage}, train_retriever=start == "scratch",
+                progress=False)
+            per_arm = pipeline.run(tuple(arms))
+            if start == "scratch":
+                ict = stages.history(pipeline.dir("ict"), "fresh_gold_recall_at_5")
+                per_arm["ict"] = {"recall_untrained": ict[0][1] if ict else float("nan"),
+                                  "recall_trained": ict[-1][1] if ict else float("nan"),
+                                  "curve": ict}
+            per_arm["timings"] = dict(pipeline.timings, wall_s=time.time() - t0)
+            results["runs"].setdefault(start, {})[str(seed)] = per_arm
+            _write(out, results)
+    results["summary"] = summarize(results)
+    _write(out, results)
+    return results
+
+
+def summarize(results: dict) -> dict:
+    summary: dict = {}
+    for start, by_seed in results["runs"].items():
+        for arm in results["arms"]:
+            rows = [_flatten(r[arm]) for r in by_seed.values() if arm in r]
+            summary.setdefault(start, {})[arm] = {
+                m: _summary([row[m] for row in rows]) for m in METRICS}
+        icts = [r["ict"] for r in by_seed.values() if "ict" in r]
+        if icts:
+            summary[start]["ict"] = {k: _summary([x[k] for x in icts])
+                                     for k in ("recall_untrained", "recall_trained")}
+    return summary
+
+
+def _write(out: str, results: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "realm_learning.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+
+
+def table(results: dict) -> str:
+    def cell(s: dict) -> str:
+        if not s["n"]:
+            return "–"
+        return f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
+
+    lines = [f"CPU: {results['cpu']}; seeds {results['seeds']}; median [min, max]", "",
+             "| start | arm | fresh recall@5 before | after | held-out utility first → last | "
+             "ORQA dev EM | answer recall |", "|---|---|---|---|---|---|---|"]
+    for start, arms in results["summary"].items():
+        for arm in results["arms"]:
+            s = arms[arm]
+            lines.append(f"| {start} | {arm} | {cell(s['recall_before'])} | "
+                         f"{cell(s['recall_after'])} | {cell(s['utility_first'])} → "
+                         f"{cell(s['utility_last'])} | {cell(s['em'])} | "
+                         f"{cell(s['answer_recall'])} |")
+        if "ict" in arms:
+            lines.append(f"| {start} | ICT alone: fresh recall@5 untrained → trained | "
+                         f"{cell(arms['ict']['recall_untrained'])} | "
+                         f"{cell(arms['ict']['recall_trained'])} | | | |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    starts = list(results["runs"])
+    fig, axes = plt.subplots(len(starts), 2, figsize=(11, 3.8 * len(starts)), squeeze=False)
+    colours = {"refresh": "tab:blue", "norefresh": "tab:orange"}
+    for row, start in enumerate(starts):
+        left, right = axes[row]
+        for seed, per_arm in results["runs"][start].items():
+            for arm, colour in colours.items():
+                if arm not in per_arm:
+                    continue
+                label = f"{arm}" if seed == str(results["seeds"][0]) else None
+                for key, ax in (("fresh_recall_curve", left), ("utility_curve", right)):
+                    pts = per_arm[arm].get(key) or []
+                    ax.plot([s for s, _ in pts], [v for _, v in pts], "-o", color=colour,
+                            alpha=0.7, markersize=3, label=label)
+        left.set(title=f"{start}: gold recall@5, held-out questions, fresh index",
+                 xlabel="REALM pre-training step")
+        right.set(title=f"{start}: retrieval utility, held-out sentences (nats/token)",
+                  xlabel="REALM pre-training step")
+        for ax in (left, right):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/realm_learning")
+    parser.add_argument("--starts", nargs="+", default=["minilm", "scratch"],
+                        choices=["minilm", "scratch"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(stages.ARMS), choices=stages.ARMS)
+    parser.add_argument("--refresh", default="sync", choices=["sync", "subprocess"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every stage, e.g. train.batch_size=8")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf\"" else value
+    results = run(args.out, args.starts, args.seeds, args.arms, args.refresh, overrides)
+    print(table(results))
+    plot(results, os.path.join(args.out, "realm_learning.png"))
+    print(f"\nwrote {args.out}/realm_learning.json and realm_learning.png")
+
+
+if __name__ == "__main__":
+    main()
