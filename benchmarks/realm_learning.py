@@ -20,7 +20,7 @@ Arms, each followed by the same ORQA fine-tuning:
 
 Reported per start and arm, median and range over seeds: gold-block recall@5 of held-out
 questions against a *fresh* index after pre-training (and before), held-out retrieval utility
-(last and its rise), ORQA dev EM and answer recall; the ICT stage alone (scratch): fresh
+(last and its rise), ORQA dev EM and answer recall; the ICT stage alone: fresh
 recall@5 of the untrained vs the ICT-trained embedder. Writes OUT/realm_learning.json and
 OUT/realm_learning.png (recall and utility against step, every seed).
 """
@@ -43,8 +43,8 @@ from bench_utils import cpu_model  # noqa: E402
 
 from realm_jax import stages  # noqa: E402
 
-METRICS = ("recall_before", "recall_after", "utility_first", "utility_last", "em",
-           "answer_recall")
+METRICS = ("recall_start", "recall_before", "recall_after", "utility_first", "utility_last",
+           "em", "answer_recall")
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -59,6 +59,7 @@ def _flatten(arm_result: dict) -> dict[str, float]:
     utility = arm_result.get("utility_curve") or []
     recall = [v for k, v in arm_result.items() if k.startswith("answer_recall@")]
     return {
+        "recall_start": arm_result.get("recall_start", float("nan")),
         "recall_before": arm_result.get("recall_before", float("nan")),
         "recall_after": arm_result.get("recall_after", float("nan")),
         "utility_first": utility[0][1] if utility else float("nan"),
@@ -81,14 +82,12 @@ def run(out: str, starts: list[str], seeds: list[int], arms: list[str], refresh:
             pipeline = stages.Pipeline(
                 "demo_cpu", os.path.join(out, start, f"seed{seed}"),
                 start="" if start == "minilm" else start, seed=seed, overrides=overrides,
-                stage_overrides={"": realm_stage}, train_retriever=start == "scratch",
-                progress=False)
+                stage_overrides={"": realm_stage}, train_retriever=True, progress=False)
             per_arm = pipeline.run(tuple(arms))
-            if start == "scratch":
-                ict = stages.history(pipeline.dir("ict"), "fresh_gold_recall_at_5")
-                per_arm["ict"] = {"recall_untrained": ict[0][1] if ict else float("nan"),
-                                  "recall_trained": ict[-1][1] if ict else float("nan"),
-                                  "curve": ict}
+            ict = stages.history(pipeline.dir("ict"), "fresh_gold_recall_at_5")
+            per_arm["ict"] = {"recall_untrained": ict[0][1] if ict else float("nan"),
+                              "recall_trained": ict[-1][1] if ict else float("nan"),
+                              "curve": ict}
             per_arm["timings"] = dict(pipeline.timings, wall_s=time.time() - t0)
             results["runs"].setdefault(start, {})[str(seed)] = per_arm
             _write(out, results)
@@ -124,18 +123,20 @@ def table(results: dict) -> str:
         return f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
 
     lines = [f"CPU: {results['cpu']}; seeds {results['seeds']}; median [min, max]", "",
-             "| start | arm | fresh recall@5 before | after | held-out utility first → last | "
-             "ORQA dev EM | answer recall |", "|---|---|---|---|---|---|---|"]
+             "| start | arm | fresh recall@5: start → after ICT → after REALM | "
+             "held-out utility first → last | ORQA dev EM | answer recall |",
+             "|---|---|---|---|---|---|"]
     for start, arms in results["summary"].items():
         for arm in results["arms"]:
             s = arms[arm]
-            lines.append(f"| {start} | {arm} | {cell(s['recall_before'])} | "
-                         f"{cell(s['recall_after'])} | {cell(s['utility_first'])} → "
+            lines.append(f"| {start} | {arm} | {cell(s['recall_start'])} → "
+                         f"{cell(s['recall_before'])} → {cell(s['recall_after'])} | "
+                         f"{cell(s['utility_first'])} → "
                          f"{cell(s['utility_last'])} | {cell(s['em'])} | "
                          f"{cell(s['answer_recall'])} |")
         if "ict" in arms:
             lines.append(f"| {start} | ICT alone: fresh recall@5 untrained → trained | "
-                         f"{cell(arms['ict']['recall_untrained'])} | "
+                         f"{cell(arms['ict']['recall_untrained'])} → "
                          f"{cell(arms['ict']['recall_trained'])} | | | |")
     return "\n".join(lines)
 

@@ -117,8 +117,8 @@ def realm_loss(
     to the teacher p_teacher(z) = softmax_z(log p(y|z,x) / T) — the encoder's per-candidate
     likelihood (mean over masked tokens), a stop-gradient target that ignores the current
     ranking. Both distributions are over the retrieved candidates 1..K−1 (not the null
-    document, candidate 0). Its gradient Σ_z [p(z|x) − p_teacher(z)] ∇f(x,z) pushes up the blocks that help
-    the encoder even when the retriever ranks them low.
+    document, candidate 0). Its gradient Σ_z [p(z|x) − p_teacher(z)] ∇f(x,z) pushes up the
+    blocks that help the encoder even when the retriever ranks them low.
 
     Args:
       mlm_logits, labels, label_weights, retrieval_logits, variant: see `marginal_mlm_loss`.
