@@ -2,35 +2,49 @@
 MiniLM, on a 2-core CPU.
 
     ./launch/demo.sh                 # = python -m realm_jax.demo --workdir runs/demo
+    python -m realm_jax.train --config configs/demo_cpu.py:ict --workdir runs/demo/ict
     python -m realm_jax.train --config configs/demo_cpu.py:mlm --workdir runs/demo/mlm
     python -m realm_jax.train --config configs/demo_cpu.py --workdir runs/demo/realm_refresh \\
-        --config.init.path=runs/demo/mlm
+        --config.init.path=runs/demo/mlm --config.init.embedder_path=runs/demo/ict
     python -m realm_jax.train --config configs/demo_cpu.py:orqa --workdir runs/demo/orqa_refresh \\
         --config.init.path=runs/demo/realm_refresh --config.init.embedder_path=
 
-Args (the stages of `realm_jax.stages`):
+Args: `[scratch,]STAGE` — the stages of `realm_jax.stages`, from MiniLM (default) or, with
+"scratch,", from a 2-layer, 128-wide BERT with random init (the paper's setting in miniature):
   ""          REALM pre-training, the refresher re-embedding the corpus as a subprocess;
   "norefresh" the paper's ablation: the same pre-training with the index never refreshed;
-  "mlm"       the encoder's warm start: plain masked LM from MiniLM on the corpus, so the
-              knowledge-augmented encoder starts with an MLM head (MiniLM ships none);
+  "ict"       the retriever's warm start (Inverse Cloze Task);
+  "mlm"       the encoder's warm start: masked LM on a corpus sentence joined with its own block
+              (`mlm.source="reading"`), so the knowledge-augmented encoder gets an MLM head
+              (MiniLM ships none) and learns to read a joined block;
   "orqa"      fine-tuning on the train people's questions (init.path: a REALM workdir, or the
-              mlm workdir for ORQA without REALM pre-training).
+              warm starts' for ORQA without REALM pre-training).
 
-Why these choices (measured: benchmarks/realm_learning.py, README "REALM that learns"):
+Why these choices (README "REALM that learns" has the measurements, one seed):
+  * blocks of 48 wordpieces (two sentences on average): with 32 (mostly one sentence) ICT
+    could only match a sentence to its page's title, and lowered fresh recall@5 from 0.693 to
+    0.603 in 50 steps; with 48 it raises it from 0.770 to 0.953 in 100;
   * the retriever is frozen for the first `train.freeze_steps` steps: until the encoder reads
     the retrieved blocks, p(y|z,x) hardly depends on z and the retriever's gradient is noise
     that Adam turns into full-size steps (Guu et al. §3.4's cold start; Atlas freezes too);
   * `realm.retriever_loss="pdist"`: the encoder's per-block likelihood is the retriever's
     target, whatever the current ranking (the marginal's gradient is posterior − prior, which
-    barely moves a gold block the retriever ranks low);
+    barely moves a gold block the retriever ranks low); distilled over the retrieved blocks
+    only — with the null document in, the retriever learned within 5 steps to give it
+    p ≈ 0.94 for every query;
   * MiniLM's mean pooling without a projection keeps its pretrained retrieval at step 0, and
     p(z|x) over MiniLM's unnormalised mean-pooled vectors is not one-hot (p_top ≈ 0.5), so
-    no score scaling is needed here (`realm.score_scale` is there for 128-d LayerNorm'd ones).
+    no score scaling is needed here (`realm.score_scale` is there for 128-d LayerNorm'd ones:
+    the scratch start uses it);
+  * the reading warm start at lr 3e-4 rather than 1e-3: with 1e-3 the encoder, and the ORQA
+    reader initialised from it, were worse (held-out utility −0.096 vs −0.014 at REALM's start).
 
-Budget (a 2-core CPU; MiniLM-L6 costs ~22 MFLOP per token forward, ×3 with the backward):
-blocks of 32 wordpieces cut the generated pages into one or two sentences each; a REALM
-example reads a 24-wordpiece query, k = 4 candidates of 32 and 4 joins of 56 wordpieces
-(≈ 24 + 4·88 = 376 tokens ≈ 25 GFLOP with the backward).
+Budget (a 2-core CPU; MiniLM-L6 costs ~22 MFLOP per token forward, ×3 with the backward): a
+REALM example reads a 24-wordpiece query, k = 4 candidates of 48 and 4 joins of 72 wordpieces
+(≈ 24 + 4·120 = 504 tokens ≈ 33 GFLOP with the backward; ~4.5 s for a step of 16 here); an ORQA
+step reads 16 × 5 joins of 80 (≈ 0.4 TFLOP, ~4.6 s). The whole demo took ~30 minutes on an
+AMD EPYC with AVX-512 shared with other jobs: over its 15-minute budget for a machine without
+AVX-512 (README).
 """
 
 from realm_jax import defaults
@@ -67,9 +81,9 @@ def get_config(arg: str | None = None):
     c.refresh.update(mode="subprocess", keep=3, batch_size=256, poll_interval_s=2.0,
                      wait_timeout_s=600.0)
     c.realm.update(retriever_loss="pdist")
-    c.train.update(batch_size=16, steps=60, lr=3e-4, warmup_steps=10, checkpoint_every=20,
+    c.train.update(batch_size=16, steps=60, lr=1e-4, warmup_steps=10, checkpoint_every=20,
                    keep_checkpoints=5, log_every=5, freeze_steps={"embedder": 20},
-                   lr_scale={"embedder": 0.1})
+                   lr_scale={"embedder": 0.3})
     c.eval.update(every_steps=20, split="dev", recall_k=5, batch_size=64, at_start=True,
                   fresh_index=True, heldout_sentences=64)
     c.orqa.update(searcher_beam_size=40, reader_beam_size=5, eval_every=0)
@@ -85,7 +99,7 @@ def get_config(arg: str | None = None):
         c.mlm.update(source="reading", masking="random_token", mask_rate=0.5,
                      max_len=c.data.query_len + c.data.block_len, max_masks=12,
                      eval_examples=128)
-        c.train.update(batch_size=32, steps=100, lr=1e-3, warmup_steps=10, checkpoint_every=100)
+        c.train.update(batch_size=32, steps=100, lr=3e-4, warmup_steps=10, checkpoint_every=100)
         c.eval.update(every_steps=0, at_start=False, fresh_index=False)
     elif stage == "orqa":
         c.task = "orqa"

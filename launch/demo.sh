@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install realm_jax into .venv and run the embedded default end to end (configs/demo_cpu.py):
-# pre-train REALM from MiniLM on the generated knowledge base with the index refresher as a
-# subprocess, fine-tune ORQA, evaluate on held-out people, answer a question with evidence.
-# About 11 minutes (17 with --ablation) on a 2-core laptop. Extra arguments go to
+# warm-start the retriever (ICT) and the encoder (reading MLM) from MiniLM, pre-train REALM on
+# the generated knowledge base with the index refresher as a subprocess, fine-tune ORQA from it
+# and from MiniLM alone, evaluate on held-out people, answer a question with evidence.
+# About 30 minutes on 2 cores (README "REALM that learns"). Extra arguments go to
 # `python -m realm_jax.demo` (--workdir DIR, --ablation, --question "...").
 set -euo pipefail
 source "$(dirname "$0")/env.sh" ""  # no extras (not this script's arguments)
