@@ -3,12 +3,13 @@
 The paper's recipe (Guu et al. §3.4, Table 2) is a chain of training runs, each one's workdir
 the next one's `init`:
 
-    mlm   plain masked LM: the knowledge-augmented encoder gets an MLM head (MiniLM has none)
-    ict   Inverse Cloze Task: the retriever's warm start (the from-scratch pipeline; MiniLM is
-          already a retriever)
+    mlm   masked LM: the knowledge-augmented encoder gets an MLM head (MiniLM has none) and,
+          with the "reading" source, learns to read a joined block
+    ict   Inverse Cloze Task: the retriever's warm start (optional: `train_retriever`)
     realm REALM pre-training with a refreshed index ("refresh") or a never-refreshed one
           ("norefresh", the paper's staleness ablation)
-    orqa  open-QA fine-tuning, from a REALM run or, without pre-training, from the warm starts
+    orqa  open-QA fine-tuning, from a REALM run, from the warm starts ("none": the paper's
+          ORQA row) or from the weights the pipeline starts from ("start")
 
 A pipeline config file (`configs/demo_cpu.py`) answers `get_config(arg)` for each stage name
 ("" is REALM with the refresher), optionally prefixed by a start ("scratch,mlm"). This module
