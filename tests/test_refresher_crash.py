@@ -2,7 +2,9 @@
 
 Every trial the "trainer" (this test) writes a new checkpoint, starts `python -m
 realm_jax.refresh` following the workdir, and kills it with SIGKILL after a random delay —
-during start-up, restore, embedding, the ScaNN-free publish or between refreshes. A reader
+during start-up, restore, embedding, the ScaNN-free publish or between refreshes. The delays
+are fractions of the time the first run took to publish, so the test does not depend on the
+machine's speed. A reader
 thread loads LATEST in a loop the whole time: it must never see a torn version, and every
 version LATEST ever named must load and validate.
 """
@@ -60,12 +62,24 @@ def test_kill_9_never_leaves_a_torn_index(tmp_path, eight_devices):
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     rng = random.Random(0)
+    to_publish = None  # seconds from start-up to a published version on this machine
     try:
         for trial in range(TRIALS):
             write_checkpoint(tmp_path, trial + 1, base)
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.5, 5.0))
+            if to_publish is None:
+                # The first run is let through to its version: its time sets the kill delays,
+                # so the kills land in every phase (start-up, restore, embedding, publish, idle)
+                # on a fast machine and a slow or busy one alike.
+                t0 = time.monotonic()
+                while store.latest_step(tmp_path) != trial + 1:
+                    assert proc.poll() is None, "the refresher died before publishing"
+                    assert time.monotonic() - t0 < 300, "no version within 300 s"
+                    time.sleep(0.02)
+                to_publish = time.monotonic() - t0
+            else:
+                time.sleep(rng.uniform(0.15, 1.6) * to_publish)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             latest = store.latest_step(tmp_path)
