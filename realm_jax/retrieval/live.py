@@ -154,11 +154,7 @@ class LiveIndex:
         if self.mode in ("frozen", "none"):
             return False
         if self.mode == "sync":
-            if self.every > 0 and step % self.every == 0 and step > self.searcher.step:
-                self._publish(step, params)
-                self._use(store.load_version(self.workdir, step, self.expect))
-                return True
-            return False
+            return self._sync_refresh(step, params)
         if self.mode == "subprocess":
             self._supervise()
         before = self.searcher.step
@@ -183,9 +179,7 @@ class LiveIndex:
         have saved that checkpoint).
         """
         if self.mode == "sync":
-            if self.every > 0 and step % self.every == 0 and step > self.searcher.step:
-                self._publish(step, params)
-                self._use(store.load_version(self.workdir, step, self.expect))
+            self._sync_refresh(step, params)
         elif self.mode in ("subprocess", "external"):
             if self.searcher.step < step:
                 self._wait(step)
@@ -238,6 +232,14 @@ class LiveIndex:
                                    f"{np.flatnonzero(failed).tolist()}")
             return
         self._use(version)
+
+    def _sync_refresh(self, step: int, params: dict[str, Any]) -> bool:
+        """Sync mode: re-embed and swap in at every `every_steps`-th step (once); True if so."""
+        if self.every > 0 and step % self.every == 0 and step > self.searcher.step:
+            self._publish(step, params)
+            self._use(store.load_version(self.workdir, step, self.expect))
+            return True
+        return False
 
     def _publish(self, step: int, params: dict[str, Any] | None) -> None:
         if params is None or "embedder" not in params:
