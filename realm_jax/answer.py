@@ -24,9 +24,10 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 
+from realm_jax import cli
 from realm_jax.data.sources import ReadStats, decode_utf8
 from realm_jax.inference import Answer, Realm
 
@@ -158,11 +159,8 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     if not f["verbosity"].present:  # keep the answers readable: library logs only on errors
         absl_logging.set_verbosity(absl_logging.ERROR)
-    try:
-        overrides = {"retrieval.engine": f.engine} if f.engine else None
-        realm = Realm.load(f.workdir, f.step, overrides=overrides, batch_size=f.batch_size)
-    except (FileNotFoundError, ValueError) as e:  # IndexStoreError is a ValueError
-        raise SystemExit(f"error: {e}") from None
+    overrides = {"retrieval.engine": f.engine} if f.engine else None
+    realm = Realm.load(f.workdir, f.step, overrides=overrides, batch_size=f.batch_size)
     questions = from_arguments(argv[1:]) if len(argv) > 1 else read_lines(sys.stdin.buffer)
     sys.exit(answer_all(realm, questions, sys.stdout, sys.stderr, as_json=f.json, k=f.k,
                         batch_size=f.batch_size))
@@ -171,4 +169,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    cli.run(main)

@@ -29,10 +29,10 @@ from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 
-from realm_jax import checkpoints, defaults
+from realm_jax import checkpoints, cli, defaults
 from realm_jax.models.config import RealmModelConfig
 
 SOURCES = ("hf_realm", "hf_bert", "minilm")
@@ -143,13 +143,10 @@ _OVERWRITE = flags.DEFINE_bool(
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    try:
-        out = convert(_FROM.value, _SRC.value, _OUT.value, _ALLOW_PICKLE.value, _OVERWRITE.value)
-    except FileExistsError as e:
-        raise SystemExit(f"error: {e}") from None
+    out = convert(_FROM.value, _SRC.value, _OUT.value, _ALLOW_PICKLE.value, _OVERWRITE.value)
     print(f"converted {_SRC.value} → {out}")
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["from", "src", "out"])
-    app.run(main)
+    cli.run(main)

@@ -30,12 +30,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from etils import epath
 from ml_collections import config_flags
 
+from realm_jax import cli
 from realm_jax.data.qa import QaSet, answer_match, normalize_answer
+from realm_jax.errors import UserError
 from realm_jax.inference import Realm
 
 log = logging.getLogger(__name__)
@@ -191,16 +193,13 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        raise UserError(f"unexpected arguments {argv[1:]} (evaluate takes only flags)")
     f = flags.FLAGS
     if not f["verbosity"].present:  # orbax logs every restore at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        metrics, out = run(f.workdir, config=f.config, split=f.split, step=f.step, k=f.k,
-                           batch_size=f.batch_size, max_examples=f.max_examples,
-                           out_dir=f.out_dir, engine=f.engine)
-    except (FileNotFoundError, ValueError) as e:  # IndexStoreError is a ValueError
-        raise SystemExit(f"error: {e}") from None
+    metrics, out = run(f.workdir, config=f.config, split=f.split, step=f.step, k=f.k,
+                       batch_size=f.batch_size, max_examples=f.max_examples,
+                       out_dir=f.out_dir, engine=f.engine)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
 
@@ -208,4 +207,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     _define_flags()
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    cli.run(main)

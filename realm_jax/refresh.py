@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from realm_jax import multihost
+from realm_jax import cli, multihost
+from realm_jax.errors import UserError
 from realm_jax.retrieval.refresher import Refresher
-from realm_jax.workdir_lock import WorkdirBusy
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _RESOLVED = flags.DEFINE_string("resolved_config", None, "A run's saved config.json instead.")
@@ -35,21 +35,18 @@ def main(argv: Sequence[str]) -> None:
     del argv
     multihost.initialize(_MULTIHOST.value)  # also REALM_MULTIHOST=1 (launch/tpu_pod.sh)
     if (_CONFIG.value is None) == (_RESOLVED.value is None):
-        raise app.UsageError("give exactly one of --config and --resolved_config")
+        raise UserError("give exactly one of --config and --resolved_config")
     config = _CONFIG.value
     if _RESOLVED.value:
         from realm_jax import defaults
 
         config = defaults.load_config(_RESOLVED.value)
     refresher = Refresher(config, _WORKDIR.value)
-    try:
-        published = refresher.run(once=_ONCE.value, timeout_s=_TIMEOUT.value)
-    except WorkdirBusy as e:  # another refresher publishes into this index: say who
-        raise SystemExit(f"error: {e}") from None
+    published = refresher.run(once=_ONCE.value, timeout_s=_TIMEOUT.value)
     logging.info("published index versions: %s", published)
     print(f"published index versions: {published}")
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    cli.run(main)

@@ -245,8 +245,7 @@ def train(
     t_start = time.time()
     c = config
     check_config(c)  # before anything is written
-    workdir = checkpoints.absolute(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = workdir_lock.make_dir(checkpoints.absolute(workdir), "workdir")
     # One trainer per workdir, for the whole run (before config.json is rewritten).
     with workdir_lock.hold(workdir_lock.trainer_lock(workdir), "trainer"):
         return _train(c, workdir, t_start, progress, inject_nan_at)
@@ -357,18 +356,14 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
 
 
 def main(argv: Sequence[str]) -> None:
+    """The command: errors a user can fix (a setting, a busy or broken workdir) end it with
+    one line (`realm_jax.cli`)."""
     del argv
     from absl import flags
 
-    try:
-        check_config(flags.FLAGS.config)
-    except ValueError as e:  # one line, not a traceback
-        raise SystemExit(f"error: {e}") from None
+    check_config(flags.FLAGS.config)  # before jax.distributed starts
     multihost.initialize(flags.FLAGS.multihost)  # also REALM_MULTIHOST=1 (launch/tpu_pod.sh)
-    try:
-        result = train(flags.FLAGS.config, flags.FLAGS.workdir)
-    except workdir_lock.WorkdirBusy as e:  # another trainer: say who, in one line
-        raise SystemExit(f"error: {e}") from None
+    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
     if multihost.is_primary():
         last = result.history[-1] if result.history else {}
         print(json.dumps({"step": result.step, "origin": result.origin,
@@ -377,11 +372,13 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from realm_jax import cli
 
     config_flags.DEFINE_config_file("config", None, "Experiment config (configs/x.py[:arg]).")
     flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, index/, logs.")
     flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (a pod).")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from etils import epath
 
 from realm_jax import multihost
+from realm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ TRAINER_LOCK = ".lock"
 REFRESHER_LOCK = ".refresher.lock"  # in WORKDIR/index
 
 
-class WorkdirBusy(RuntimeError):
+class WorkdirBusy(UserError, RuntimeError):
     """Another process holds the lock."""
 
 
@@ -56,6 +57,36 @@ def refresher_lock(workdir: epath.PathLike) -> epath.Path:
 
 def is_local(path: epath.PathLike) -> bool:
     return "://" not in str(path)
+
+
+def make_dir(path: epath.PathLike, what: str = "directory") -> epath.Path:
+    """Create `path` with its parents, or raise a UserError naming the file in the way (a
+    workdir given as a file would otherwise fail with "[Errno 17] File exists")."""
+    path = epath.Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        where = f"{what} {path}" if file == path else f"{what} {path} cannot be made: {file}"
+        raise UserError(f"{where} is a file, not a directory") from None
+    return path
+
+
+def other_holder(path: epath.PathLike) -> str | None:
+    """Who holds the lock `path` if another process does (`holder`), else None: for an error
+    message to name a concurrent writer only when one exists."""
+    path = epath.Path(path)
+    if not is_local(path) or not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # dropped by the close below
+    except BlockingIOError:
+        who, me = holder(path), f"pid {os.getpid()} on host {socket.gethostname()} "
+        return None if who.startswith(me) else who
+    finally:
+        os.close(fd)
+    return None
 
 
 def holder(path: epath.PathLike) -> str:
@@ -92,7 +123,7 @@ def acquire(path: epath.PathLike, what: str) -> Lock:
         log.warning("%s is not on a local filesystem: no lock; make sure a single %s uses it",
                     path, what)
         return Lock(path, None)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     # O_CLOEXEC (Python's default): a child process never inherits the lock, so it dies with
     # this process and not with the last of its children.
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -13,6 +13,7 @@ from realm_jax import checkpoints
 from realm_jax.data import blocks, examples, sources
 from realm_jax.data.blocks import BlockCorpus, Chunker, block_uid, split_sentences
 from realm_jax.data.tokenizer import WordPiece, clean_text
+from realm_jax.errors import UserError
 
 DOCS = [
     ("Charles Darwin", "Charles Darwin was an English naturalist. He was born on 12 February "
@@ -150,6 +151,30 @@ def test_builder_skip_bad_counts(tmp_path):
     assert len(corpus) == 1 and stats["bad_lines"] == 1 and stats["empty_documents"] == 1
 
 
+def test_an_empty_jsonl_corpus_is_refused_naming_the_file(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    vocab = checkpoints.minilm_path() / "vocab.txt"
+    with pytest.raises(UserError, match=f"{empty}: no blocks: the jsonl source holds no "
+                                        "document with text"):
+        blocks.build_corpus(tmp_path / "o", source="jsonl", path=str(empty), vocab_file=vocab)
+
+
+def test_command_flags_take_underscores_and_the_old_hyphens(tmp_path, capsys):
+    records = np.array([b"first block", b"second block"], dtype=object)
+    np.save(tmp_path / "block_records.npy", records, allow_pickle=True)
+    for spelling, out in (("--allow_pickle", "o1"), ("--allow-pickle", "o2")):
+        blocks.main(["--source", "hf_block_records", "--path",
+                     str(tmp_path / "block_records.npy"), "--out", str(tmp_path / out),
+                     spelling, "--max_block_wordpieces", "64"])
+        assert "BlockCorpus(2 blocks" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="^error: .*empty.jsonl: no blocks"):  # one line
+        (tmp_path / "empty.jsonl").write_text("")
+        blocks.main(["--source", "jsonl", "--path", str(tmp_path / "empty.jsonl"), "--out",
+                     str(tmp_path / "o3"), "--vocab",
+                     str(checkpoints.minilm_path() / "vocab.txt")])
+
+
 def test_text_folder_and_hf_records_sources(tmp_path, tok):
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "Some_Title.txt").write_bytes(b"Body of the page. Bad \xff byte.")
@@ -158,7 +183,7 @@ def test_text_folder_and_hf_records_sources(tmp_path, tok):
     assert docs[0][0] == "Some Title" and "\ufffd" in docs[0][1]
     records = np.array([b"first block", b"second block"], dtype=object)
     np.save(tmp_path / "block_records.npy", records, allow_pickle=True)
-    with pytest.raises(ValueError, match="allow-pickle"):
+    with pytest.raises(ValueError, match="--allow_pickle"):
         blocks.build_corpus(tmp_path / "o", source="hf_block_records",
                             path=str(tmp_path / "block_records.npy"))
     corpus, _ = blocks.build_corpus(tmp_path / "o2", source="hf_block_records",

@@ -180,6 +180,28 @@ def test_garbled_latest(tmp_path):
         store.latest_step(tmp_path)
 
 
+def test_latest_of_bytes_that_are_no_text_names_the_file(tmp_path):
+    store.publish(tmp_path, 1, _emb(1))
+    latest = _index(tmp_path) / "LATEST"
+    latest.write_bytes(b"\xff\xfe\x00\x81garbage")  # was a UnicodeDecodeError naming no file
+    for read in (store.latest_step, store.load_latest):
+        with pytest.raises(store.IndexStoreError,
+                           match=rf"{latest}: expected one line 'v<step>', found "
+                                 r"b'\\xff\\xfe\\x00\\x81garbage'; versions present: \[1\]"):
+            read(tmp_path)
+
+
+def test_publishing_behind_a_latest_that_names_a_missing_version_says_so(tmp_path):
+    store.publish(tmp_path, 2, _emb(2))
+    (_index(tmp_path) / "LATEST").write_text("v99\n")  # edited by hand, or a lost version
+    with pytest.raises(store.LatestAhead) as error:
+        store.publish(tmp_path, 4, _emb(4))
+    assert str(error.value) == (
+        f"{_index(tmp_path) / 'LATEST'} names v99, which does not exist; refusing to publish "
+        "older v4 (versions present: [2]); point LATEST at a present version with "
+        "store.set_latest() (the way to roll back on purpose)")  # no guess at its cause
+
+
 # --------------------------------------------------------------------------- watcher
 
 

@@ -7,10 +7,13 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from realm_jax import defaults, workdir_lock
-from realm_jax.retrieval.refresher import Refresher
+from realm_jax.errors import UserError
+from realm_jax.retrieval import store
+from realm_jax.retrieval.refresher import Refresher, publish_index
 from realm_jax.train import train
 from realm_jax.workdir_lock import WorkdirBusy, acquire, hold, refresher_lock, trainer_lock
 
@@ -97,3 +100,46 @@ def test_second_train_command_fails_in_one_line_naming_the_holder(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {trainer_lock(tmp_path)} is held by pid {proc.pid} on host")
+
+
+def test_other_holder_names_another_process_only(tmp_path):
+    path = refresher_lock(tmp_path)
+    assert workdir_lock.other_holder(path) is None  # no file
+    with hold(path, "refresher"):
+        assert workdir_lock.other_holder(path) is None  # this process
+    proc = _holder(path)
+    try:
+        assert workdir_lock.other_holder(path).startswith(f"pid {proc.pid} on host")
+    finally:
+        _kill(proc)
+    assert workdir_lock.other_holder(path) is None  # died: free
+
+
+def test_publishing_behind_latest_names_a_refresher_only_when_its_lock_is_held(tmp_path):
+    config = defaults.load_config("configs/tiny.py")
+    embeddings = np.ones((4, 2), np.float32)
+    publish_index(config, tmp_path, 2, embeddings, "fp")
+    (tmp_path / "index" / "LATEST").write_text("v99\n")
+    with pytest.raises(store.LatestAhead) as error:
+        publish_index(config, tmp_path, 4, embeddings, "fp")
+    assert "which does not exist" in str(error.value) and "refresher" not in str(error.value)
+    proc = _holder(refresher_lock(tmp_path))
+    try:
+        with pytest.raises(store.LatestAhead, match=f"another refresher publishes into this "
+                                                    f"index: pid {proc.pid} on host"):
+            publish_index(config, tmp_path, 4, embeddings, "fp")
+    finally:
+        _kill(proc)
+
+
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+    config = defaults.load_config("configs/tiny.py")
+    file = tmp_path / "afile"
+    file.write_text("")
+    with pytest.raises(UserError, match=f"^workdir {file} is a file, not a directory$"):
+        train(config, file, progress=False)
+    with pytest.raises(UserError, match=f"^workdir {file}/run cannot be made: {file} is a "
+                                        "file, not a directory$"):
+        train(config, file / "run", progress=False)
+    with pytest.raises(UserError, match=f"^directory {file}/index cannot be made: {file} is"):
+        Refresher(config, file, progress=False).run(once=True)

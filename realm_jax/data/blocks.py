@@ -13,9 +13,9 @@ corpus is row i of the embedding index, and `fingerprint` ties an index to its c
 
 Build from the command line (the converter):
   python -m realm_jax.data.blocks --source jsonl --path docs.jsonl --out DATA_DIR \
-      --vocab VOCAB.txt [--max-block-wordpieces 288] [--name NAME] [--skip-bad]
+      --vocab VOCAB.txt [--max_block_wordpieces 288] [--name NAME] [--skip_bad]
   python -m realm_jax.data.blocks --source hf_block_records --path block_records.npy \
-      --out DATA_DIR --vocab VOCAB.txt --allow-pickle
+      --out DATA_DIR --vocab VOCAB.txt --allow_pickle
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from realm_jax import cli
 from realm_jax.data import sources
 from realm_jax.data.tokenizer import WordPiece, body_budget, clean_text, title_budget
+from realm_jax.errors import UserError
 
 UID_SEP = "\x1f"  # ASCII unit separator: cannot be confused with text in a title or body
 UIDS_FILE = "uids.npy"  # sidecar [N, 20] uint8 written next to the TFDS files
@@ -398,18 +400,24 @@ class RealmBlocks(sources.LocalBuilder):
 
     def _generate_examples(self):
         c: RealmBlocksConfig = self.builder_config
+        for i, block in enumerate(self._blocks(c)):
+            self.uids.append(block["uid"])
+            yield i, block
+        if not self.uids:  # else TFDS's "No examples were yielded", naming no file
+            raise UserError(f"{c.path}: no blocks: the {c.source} source holds no document "
+                            f"with text ({self.stats})")
+
+    def _blocks(self, c: RealmBlocksConfig) -> Iterator[dict[str, Any]]:
         if c.source == "hf_block_records":
             for i, text in enumerate(sources.hf_block_records(c.path, c.allow_pickle)):
                 self.stats.add("blocks")
-                self.uids.append(block_uid("", text))
-                yield i, {"title": "", "text": text, "uid": self.uids[-1], "doc": i,
-                          "start": 0, "end": len(text)}
+                yield {"title": "", "text": text, "uid": block_uid("", text), "doc": i,
+                       "start": 0, "end": len(text)}
             return
         chunker = Chunker(WordPiece(c.vocab_file), c.max_block_wordpieces)
-        for i, b in enumerate(chunker.chunk_documents(self._iter_documents(c), self.stats)):
-            self.uids.append(b.uid)
-            yield i, {"title": b.title, "text": b.text, "uid": b.uid, "doc": b.doc,
-                      "start": b.start, "end": b.end}
+        for b in chunker.chunk_documents(self._iter_documents(c), self.stats):
+            yield {"title": b.title, "text": b.text, "uid": b.uid, "doc": b.doc,
+                   "start": b.start, "end": b.end}
 
     def _iter_documents(self, c: RealmBlocksConfig) -> Iterator[tuple[str, str]]:
         if c.source == "jsonl":
@@ -465,19 +473,26 @@ def build_corpus(
     return BlockCorpus.load(target), stats
 
 
+@cli.one_line_errors
 def main(argv: Sequence[str] | None = None) -> None:
+    """The command. Flags use underscores like every realm_jax command (`--allow_pickle`);
+    the hyphenated spellings of earlier versions (`--allow-pickle`) are accepted as well."""
     p = argparse.ArgumentParser(description="Build a realm_blocks TFDS dataset (array_record).")
-    p.add_argument("--source", required=True,
-                   choices=["jsonl", "text", "tfds", "hf_block_records"])
-    p.add_argument("--path", required=True, help="file / folder / TFDS name of the documents")
-    p.add_argument("--out", required=True, help="TFDS data_dir to write into")
-    p.add_argument("--vocab", default="", help="BERT vocab.txt (not needed for HF records)")
-    p.add_argument("--max-block-wordpieces", type=int, default=288)
-    p.add_argument("--name", default=None)
-    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="let block_records.npy (a pickle) be read: only for trusted files")
-    p.add_argument("--tfds-data-dir", default="")
+
+    def flag(name: str, **kwargs: Any) -> None:
+        names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        p.add_argument(*names, **kwargs)
+
+    flag("source", required=True, choices=["jsonl", "text", "tfds", "hf_block_records"])
+    flag("path", required=True, help="file / folder / TFDS name of the documents")
+    flag("out", required=True, help="TFDS data_dir to write into")
+    flag("vocab", default="", help="BERT vocab.txt (not needed for HF records)")
+    flag("max_block_wordpieces", type=int, default=288)
+    flag("name", default=None)
+    flag("skip_bad", action="store_true", help="skip and count malformed lines")
+    flag("allow_pickle", action="store_true",
+         help="let block_records.npy (a pickle) be read: only for trusted files")
+    flag("tfds_data_dir", default="")
     a = p.parse_args(argv)
     if a.source != "hf_block_records" and not a.vocab:
         p.error("--vocab is required to cut documents into wordpiece blocks")

@@ -166,12 +166,12 @@ def hf_block_records(path: epath.PathLike, allow_pickle: bool = False) -> Iterat
     """Blocks of Hugging Face REALM's `block_records.npy` (an object array of byte strings).
 
     That file is a pickle, so it is read only when the caller passes `allow_pickle=True`
-    (the converter's explicit `--allow-pickle` flag); the runtime never unpickles.
+    (the converters' explicit `--allow_pickle` flag); the runtime never unpickles.
     """
     if not allow_pickle:
         raise ValueError(
             f"{path} is a pickled object array; reading it executes code from the file. Pass "
-            "--allow-pickle (allow_pickle=True) only for a file you trust"
+            "--allow_pickle (allow_pickle=True) only for a file you trust"
         )
     records = np.load(str(path), allow_pickle=True)
     for r in records:

@@ -122,8 +122,15 @@ def publish_index(
         "model": json.dumps(config.model.to_dict(), sort_keys=True),
     }
     t0 = time.time()
-    path = store.publish(workdir, step, embeddings, meta, keep=config.refresh.keep,
-                         write_extra=write_extra)
+    try:
+        path = store.publish(workdir, step, embeddings, meta, keep=config.refresh.keep,
+                             write_extra=write_extra)
+    except store.LatestAhead as e:  # name a concurrent refresher only if a lock shows one
+        other = workdir_lock.other_holder(workdir_lock.refresher_lock(workdir))
+        if other is None:
+            raise
+        raise store.LatestAhead(f"{e}; another refresher publishes into this index: "
+                                f"{other}") from None
     log.info("published %s in %.1fs", path, time.time() - t0)
     return path
 

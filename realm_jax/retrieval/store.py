@@ -83,6 +83,11 @@ class IndexStoreError(ValueError):
     """A version on disk is torn, corrupt, or not the one the caller expects."""
 
 
+class LatestAhead(IndexStoreError):
+    """`publish` of a step older than the one LATEST names (a rollback, an edited LATEST,
+    or another publisher)."""
+
+
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays: compare by identity
 class IndexVersion:
     """One validated index version, fully in host memory.
@@ -233,12 +238,16 @@ def _newest_mtime(path: epath.Path) -> float | None:
 def _read_latest(index: epath.Path) -> int | None:
     latest = index / LATEST
     try:
-        text = latest.read_text()
+        raw = latest.read_bytes()
     except FileNotFoundError:
         return None
-    m = _VERSION_RE.fullmatch(text.strip())
+    # Bytes first: garbage that is not even text must be refused naming the file too.
+    m = _VERSION_RE.fullmatch(raw.strip().decode("ascii", errors="replace"))
     if m is None:
-        raise IndexStoreError(f"{latest}: expected one line 'v<step>', found {text[:80]!r}")
+        present = [s for s, _ in _list_versions(index)]
+        raise IndexStoreError(
+            f"{latest}: expected one line 'v<step>', found {raw[:80]!r}; versions present: "
+            f"{present} (point it at one with store.set_latest, or remove it to start over)")
     return int(m.group(1))
 
 
@@ -353,7 +362,8 @@ def publish(
       The published version directory, WORKDIR/index/v<step>.
 
     Raises:
-      ValueError: bad embeddings or meta, or `step` older than the one LATEST names.
+      ValueError: bad embeddings or meta.
+      LatestAhead (an IndexStoreError): `step` is older than the one LATEST names.
       FileExistsError: LATEST already names v<step> (the live version is never overwritten).
     """
     if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
@@ -376,10 +386,12 @@ def publish(
     if live == step:
         raise FileExistsError(f"{index / LATEST} already names v{step}: publish a newer step")
     if live is not None and step < live:
-        raise ValueError(
-            f"{index / LATEST} names v{live}; refusing to publish older v{step} "
-            "(a second refresher?). Use set_latest() to roll back on purpose."
-        )
+        present = [s for s, _ in _list_versions(index)]
+        missing = "" if live in present else ", which does not exist"
+        raise LatestAhead(
+            f"{index / LATEST} names v{live}{missing}; refusing to publish older v{step} "
+            f"(versions present: {present}); point LATEST at a present version with "
+            "store.set_latest() (the way to roll back on purpose)")
 
     final = index / _version_name(step)
     staging = index / f"{TMP_PREFIX}{uuid.uuid4().hex}"

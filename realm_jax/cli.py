@@ -1,0 +1,126 @@
+"""How every absl command runs: `cli.run(main)` in place of `app.run(main)`.
+
+absl's defaults do not suit a user at a terminal or a script checking exit codes:
+  * an error the user can fix (`USER_ERRORS`: `errors.UserError`, a bad value, a missing
+    file) becomes one line on stderr, `error: <message>`, exit status 1, no traceback. With
+    `--verbosity=1` the traceback is logged too, for whoever debugs it;
+  * a bad flag, a `--config.key` override naming no key (with ml_collections' "did you mean")
+    and a config file that cannot be loaded are one line as well, before `main` runs (absl
+    prints tracebacks for the last two and two lines for the first);
+  * `--help`, `--helpshort`, `--helpfull` and `--helpxml` exit 0: asking for help is no error
+    (absl exits 1, which breaks `cmd --help && ...` in scripts).
+
+Flags are spelled with underscores (`--allow_pickle`), absl's style, in every command.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from realm_jax.errors import UserError
+
+# Exceptions whose message is all a user needs. ValueError is in: this code base raises it
+# for bad settings and inputs, naming the setting or file (a programming error rarely is one;
+# --verbosity=1 shows its traceback).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+    IsADirectoryError, PermissionError)
+_HELP_FLAGS = (app.HelpFlag, app.HelpshortFlag, app.HelpfullFlag, app.HelpXMLFlag)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line. An exception wrapping another (ml_collections'
+    AttributeError(KeyError)) gives the inner one's; a KeyError's has no quotes added."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` with `USER_ERRORS` turned into `SystemExit("error: ...")` (stderr, status 1)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            logging.debug("the error below, with its traceback", exc_info=True)
+            raise SystemExit(f"error: {one_line(e)}") from None
+
+    return wrapped
+
+
+class _ExitZero:
+    """Mixed into absl's help flags: print the help as they do, then exit 0, not 1."""
+
+    def parse(self, argument: str) -> None:
+        try:
+            super().parse(argument)  # type: ignore[misc]
+        except SystemExit:
+            raise SystemExit(0) from None
+
+
+def _help_exits_zero() -> None:
+    """Replace absl's help flags (already defined by `app.run`) by ones that exit 0."""
+    for absl_flag in _HELP_FLAGS:
+        flag = type(absl_flag.__name__, (_ExitZero, absl_flag), {})()
+        if isinstance(flags.FLAGS[flag.name], _ExitZero):
+            return  # done already (flags parsed twice in one process)
+        for name in (flag.name, flag.short_name):
+            if name and name in flags.FLAGS:
+                delattr(flags.FLAGS, name)
+        flags.DEFINE_flag(flag)
+
+
+def _override_error(error: BaseException, argv: Sequence[str]) -> str:
+    """ml_collections' error for a `--config.a.b` override that names no key, as one line
+    naming the flag (it names only the key, on two lines with its suggestion)."""
+    message = one_line(error)
+    key = re.match(r"'?([^' ;]+)'?", message)
+    named = [a.split("=")[0] for a in argv if a.startswith("--") and "." in a.split("=")[0]
+             and key is not None and key.group(1) in a.split("=")[0].split(".")]
+    where = " / ".join(named) or "a --config.* override"
+    return f"{where}: no such config key {message}"
+
+
+def _check_configs_loaded() -> None:
+    """A config flag whose file could not be loaded fails only when read: fail here."""
+    for name in list(flags.FLAGS):
+        flag = flags.FLAGS[name]
+        if flag.value is None:  # not given
+            continue
+        try:
+            filename = config_flags.get_config_filename(flag)
+        except TypeError:  # not a config flag
+            continue
+        try:
+            getattr(flag.value, "_any_attribute", None)  # an unloadable config raises here
+        except OSError as e:
+            cause = one_line(e.__cause__ or e).split("; ")[-1]
+            raise SystemExit(f"error: --{name}={filename}: cannot load the config file: "
+                             f"{cause}") from None
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """`app.run`'s flags parser: absl's, with one-line errors and help that exits 0."""
+    _help_exits_zero()
+    try:
+        rest = flags.FLAGS(list(argv))
+    except flags.Error as e:
+        raise SystemExit(f"error: {one_line(e)} (--helpshort lists the flags)") from None
+    except (AttributeError, KeyError) as e:  # ml_collections: an override naming no key
+        raise SystemExit(f"error: {_override_error(e, argv)}") from None
+    _check_configs_loaded()
+    return rest
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+    """`app.run(main)` the way every realm_jax command runs (module docstring)."""
+    app.run(one_line_errors(main), flags_parser=parse_flags)
