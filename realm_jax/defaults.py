@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
         # Where registered TFDS datasets (`natural_questions_open`, `tfds:realm_blocks/...`)
         # are prepared: "" = TFDS's default ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
         tfds_data_dir="",
+        # A workdir resumes only on the corpus it started on (corpus_guard: WORKDIR/corpus.json
+        # holds its fingerprint). True: accept a changed corpus, keep the parameters, restart
+        # the data position from the first batch and rebuild the index.
+        allow_corpus_change=False,
         # pretrain_splits: entities whose paraphrased facts pre-train (the rest stay held out).
         synthetic=dict(num_entities=1000, seed=0, pretrain_splits=("train", "dev", "test")),
         query_len=96, block_len=288, reader_len=320, max_masks=10,

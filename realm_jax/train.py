@@ -12,7 +12,8 @@ workdir: its parameters, optimiser state, data position and step) → `config.in
 (pretrained towers, `initialize.initial_params`) → scratch. A checkpoint holds every trained
 tower, the optimiser state, the data iterator's state and the step, so a killed run continues
 bitwise-identically on CPU (same data order, same index versions in sync mode, dropout keys
-folded from the step).
+folded from the step). A workdir resumes only on the corpus it started on (`corpus_guard`:
+a changed corpus is refused unless `data.allow_corpus_change` restarts the data position).
 
 Multi-host (a TPU pod: `--multihost`, one process per host): every host runs this loop over one
 global mesh. Each host reads its rows of every global batch (`data.pipeline`: the same global
@@ -42,7 +43,16 @@ import numpy as np
 import optax
 from etils import epath
 
-from realm_jax import checkpoints, defaults, initialize, multihost, optim, sharding, workdir_lock
+from realm_jax import (
+    checkpoints,
+    corpus_guard,
+    defaults,
+    initialize,
+    multihost,
+    optim,
+    sharding,
+    workdir_lock,
+)
 from realm_jax.data import loaders
 from realm_jax.data.joins import tokenize_corpus
 from realm_jax.data.pipeline import to_global
@@ -241,6 +251,8 @@ def train(
       FloatingPointError: a non-finite loss or gradient norm, naming the step.
       ValueError: a setting no run can use (`check_config`).
       workdir_lock.WorkdirBusy: another trainer holds the workdir (its pid and host named).
+      corpus_guard.CorpusChanged: the run in `workdir` started on another corpus (and
+        `data.allow_corpus_change` is not set).
     """
     t_start = time.time()
     c = config
@@ -254,16 +266,22 @@ def train(
 def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, progress: bool,
            inject_nan_at: int | None) -> TrainResult:
     """`train` in its locked workdir."""
-    if multihost.is_primary():
-        defaults.save_resolved(c, workdir)
-    mesh = sharding.make_mesh(dict(c.mesh))
     tokenizer = loaders.load_tokenizer(c)
     corpus = loaders.load_corpus(c)
+    # Before anything is written: the run resumes only the corpus it started on.
+    new_corpus = corpus_guard.check(workdir, corpus,
+                                    bool(c.data.get("allow_corpus_change", False)))
+    mesh = sharding.make_mesh(dict(c.mesh))
     blocks = tokenize_corpus(corpus, tokenizer)
     task = make_task(c, mesh, corpus, blocks, tokenizer)
     optimizer = optim.make_optimizer(c.train)
     params, opt_state, step, data_state, origin = init_state(c, workdir, task.towers, mesh,
                                                              optimizer)
+    if new_corpus and data_state:  # allowed: its position in the old corpus means nothing
+        data_state = None
+    # Only now: a config whose model does not fit the checkpoints must not replace theirs.
+    if multihost.is_primary():
+        defaults.save_resolved(c, workdir)
     train_step = make_train_step(task, optimizer, _shardings(params), _shardings(opt_state))
     total = int(c.train.steps)
 
