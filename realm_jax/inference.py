@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from realm_jax import checkpoints, defaults, initialize, multihost, sharding
+from realm_jax import checkpoints, defaults, initialize, multihost, restore, sharding
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.joins import ReaderInputs, TokenizedBlocks, join_reader, tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
@@ -590,7 +590,8 @@ def _inference_mesh(config: ml_collections.ConfigDict):
 
 
 def _restore_run(root: epath.Path, step: int | None, config, mesh) -> tuple[int, dict]:
-    """The query tower (and the reader, if trained) of checkpoint `step`, sharded on `mesh`."""
+    """The query tower (and the reader, if trained) of checkpoint `step`, sharded on `mesh`;
+    an unreadable one is named with the steps that do load."""
     manager = checkpoints.checkpoint_manager(root, read_only=True)
     try:
         steps = sorted(manager.all_steps())
@@ -603,18 +604,36 @@ def _restore_run(root: epath.Path, step: int | None, config, mesh) -> tuple[int,
         elif step not in steps:
             raise FileNotFoundError(f"{checkpoints.checkpoint_dir(root)} has no step {step}; "
                                     f"available: {steps}")
-        meta = checkpoints.restore_items(manager, step, {"meta": None})["meta"]
-        saved = set(meta.get("towers", ()))
-        query = next((t for t in QUERY_TOWERS if t in saved), None)
-        if query is None:
-            raise ValueError(f"checkpoint {root}/checkpoints/{step} has towers {sorted(saved)}: "
-                             f"no query tower ({' or '.join(QUERY_TOWERS)})")
-        towers = [query] + (["reader"] if "reader" in saved else [])
-        abstract = initialize.abstract_towers(defaults.model_config(config), towers, mesh,
-                                              tuple(config.rules))
-        return step, checkpoints.restore_items(manager, step, abstract)
+        try:
+            return step, _restore_towers(manager, step, config, mesh)
+        except restore.CheckpointUnreadable as e:  # which would do, for --step
+            ok = [s for s in steps if s != step and _loads(manager, s, config, mesh)]
+            hint = (f"the steps that load: {ok}: pass --step {ok[-1]}" if ok
+                    else "no other step loads")
+            raise restore.CheckpointUnreadable(f"{e}; {hint}") from None
     finally:
         manager.close()
+
+
+def _restore_towers(manager, step: int, config, mesh) -> dict:
+    meta = restore.restore_step(manager, step, {"meta": None})["meta"]
+    saved = set(meta.get("towers", ()))
+    query = next((t for t in QUERY_TOWERS if t in saved), None)
+    if query is None:
+        raise ValueError(f"checkpoint {restore.step_dir(manager, step)} has towers "
+                         f"{sorted(saved)}: no query tower ({' or '.join(QUERY_TOWERS)})")
+    towers = [query] + (["reader"] if "reader" in saved else [])
+    abstract = initialize.abstract_towers(defaults.model_config(config), towers, mesh,
+                                          tuple(config.rules))
+    return restore.restore_step(manager, step, abstract)
+
+
+def _loads(manager, step: int, config, mesh) -> bool:
+    try:
+        _restore_towers(manager, step, config, mesh)
+    except restore.CheckpointUnreadable:
+        return False
+    return True
 
 
 def _load_converted(root: epath.Path, config) -> dict:

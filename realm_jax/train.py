@@ -50,6 +50,7 @@ from realm_jax import (
     initialize,
     multihost,
     optim,
+    restore,
     sharding,
     workdir_lock,
 )
@@ -90,21 +91,35 @@ def _abstract(tree: PyTree, shardings: PyTree) -> PyTree:
 
 
 def _restore(source: epath.Path, abstract_params: PyTree, abstract_opt: PyTree
-             ) -> tuple[int, dict, PyTree, dict] | None:
-    """(step, params, opt_state, data_state) of `source`'s newest checkpoint, or None."""
+             ) -> tuple[int, dict, PyTree, dict, list[int]] | None:
+    """(step, params, opt_state, data_state, newer unreadable steps) of `source`'s newest
+    checkpoint that reads (`restore.restore_newest`), or None if it has none."""
     manager = checkpoints.checkpoint_manager(source, read_only=True)
     try:
-        step = manager.latest_step()
-        if step is None:
-            return None
         items = {**abstract_params, "data": None, "meta": None}
         if jax.tree.leaves(abstract_opt):
             items["opt_state"] = abstract_opt
-        got = checkpoints.restore_items(manager, step, items)
+        newest = restore.restore_newest(manager, items)
     finally:
         manager.close()
+    if newest is None:
+        return None
+    step, got, unreadable = newest
     params = {t: got[t] for t in abstract_params}
-    return step, params, got.get("opt_state", abstract_opt), got["data"]
+    return step, params, got.get("opt_state", abstract_opt), got["data"], unreadable
+
+
+def _set_aside(workdir: epath.Path, steps: Sequence[int]) -> None:
+    """Move this run's unreadable checkpoints out of checkpoints/ (to checkpoints.unreadable/):
+    orbax would never save those steps again, and every resume would trip on them."""
+    if not steps or not multihost.is_primary():
+        return
+    aside = workdir / f"{checkpoints.CHECKPOINT_DIR}.unreadable"
+    aside.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        target = aside / f"{step}-{int(time.time())}"
+        (checkpoints.checkpoint_dir(workdir) / str(step)).rename(target)
+        log.warning("moved unreadable checkpoint %d to %s", step, target)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, towers: Sequence[str], mesh,
@@ -136,7 +151,9 @@ def init_state(config: ml_collections.ConfigDict, workdir: epath.Path, towers: S
                 raise FileNotFoundError(f"config.resume={source}: no checkpoint in "
                                         f"{checkpoints.checkpoint_dir(source)}")
             continue
-        step, params, opt_state, data_state = restored
+        step, params, opt_state, data_state, unreadable = restored
+        if origin == "workdir":  # another run's (config.resume) are not ours to move
+            _set_aside(workdir, unreadable)
         log.info("resumed from %s (%s) at step %d", origin, source, step)
         return params, opt_state, step, data_state, origin
     params, _ = initialize.initial_params(config, towers, mesh, cfg)
