@@ -202,9 +202,14 @@ def read_safetensors(path: epath.PathLike) -> dict[str, np.ndarray]:
         )
     else:
         raise FileNotFoundError(f"no {SAFETENSORS} or {SAFETENSORS_INDEX} in {path}")
+    from safetensors import SafetensorError
+
     tensors: dict[str, np.ndarray] = {}
     for f in files:
-        tensors.update(load_bytes((path / f).read_bytes()))
+        try:
+            tensors.update(load_bytes((path / f).read_bytes()))
+        except SafetensorError as e:  # truncated or not safetensors: its message names no file
+            raise ValueError(f"{path / f}: not a readable safetensors file ({e})") from None
     return _normalise_names(tensors)
 
 

@@ -145,6 +145,15 @@ def test_wrong_shape_names_the_tensor(encoder_dirs, tmp_path):
         checkpoints.load_pretrained(d)
 
 
+def test_truncated_safetensors_names_the_file(encoder_dirs, tmp_path):
+    d = tmp_path / "cut"
+    shutil.copytree(encoder_dirs[2], d)
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{weights}: not a readable safetensors file"):
+        checkpoints.load_pretrained(d)
+
+
 def test_missing_tensor_names_it(encoder_dirs, tmp_path):
     name = "realm.encoder.layer.1.output.dense.bias"
     d = _edited_copy(encoder_dirs[2], tmp_path / "bad", lambda t: t.pop(name))
