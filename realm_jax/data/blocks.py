@@ -404,8 +404,9 @@ class RealmBlocks(sources.LocalBuilder):
             self.uids.append(block["uid"])
             yield i, block
         if not self.uids:  # else TFDS's "No examples were yielded", naming no file
+            skipped = f" ({self.stats})" if self.stats.counts else ""
             raise UserError(f"{c.path}: no blocks: the {c.source} source holds no document "
-                            f"with text ({self.stats})")
+                            f"with text{skipped}")
 
     def _blocks(self, c: RealmBlocksConfig) -> Iterator[dict[str, Any]]:
         if c.source == "hf_block_records":
