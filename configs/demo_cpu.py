@@ -65,7 +65,7 @@ def get_config(arg: str | None = None):
     c = defaults.base_config()
     c.mesh = dict(data=-1, fsdp=1, model=1)
     c.data.corpus = "synthetic"
-    c.data.synthetic = dict(num_entities=600, seed=0, pretrain_splits=("train",))
+    c.data.synthetic = dict(num_entities=300, seed=0, pretrain_splits=("train",))
     c.data.update(query_len=24, block_len=48, reader_len=80, max_masks=6)
     if start == "minilm":
         c.model.bert = dict(preset="minilm_l6_h384")
@@ -81,12 +81,14 @@ def get_config(arg: str | None = None):
     c.refresh.update(mode="subprocess", keep=3, batch_size=256, poll_interval_s=2.0,
                      wait_timeout_s=600.0)
     c.realm.update(retriever_loss="pdist")
-    c.train.update(batch_size=16, steps=60, lr=1e-4, warmup_steps=10, checkpoint_every=20,
-                   keep_checkpoints=5, log_every=5, freeze_steps={"embedder": 20},
+    # checkpoint_every: the refresher re-embeds from each checkpoint (2 refreshes in 30 steps).
+    c.train.update(batch_size=16, steps=30, lr=1e-4, warmup_steps=10, checkpoint_every=10,
+                   keep_checkpoints=5, log_every=5, freeze_steps={"embedder": 10},
                    lr_scale={"embedder": 0.3})
-    c.eval.update(every_steps=20, split="dev", recall_k=5, batch_size=64, at_start=True,
+    c.eval.update(every_steps=15, split="dev", recall_k=5, batch_size=64, at_start=True,
                   fresh_index=True, heldout_sentences=64)
-    c.orqa.update(searcher_beam_size=40, reader_beam_size=5, eval_every=0)
+    # The reader reads 2 blocks: cheap, and retrieval decides what it can answer.
+    c.orqa.update(searcher_beam_size=20, reader_beam_size=2, eval_every=0)
 
     if stage == "norefresh":
         # Ablation: the index built from the initial embedder stays in use for the whole run.
@@ -99,17 +101,17 @@ def get_config(arg: str | None = None):
         c.mlm.update(source="reading", masking="random_token", mask_rate=0.5,
                      max_len=c.data.query_len + c.data.block_len, max_masks=12,
                      eval_examples=128)
-        c.train.update(batch_size=32, steps=100, lr=3e-4, warmup_steps=10, checkpoint_every=100)
+        c.train.update(batch_size=32, steps=50, lr=3e-4, warmup_steps=10, checkpoint_every=50)
         c.eval.update(every_steps=0, at_start=False, fresh_index=False)
     elif stage == "orqa":
         c.task = "orqa"
         c.init.path = ""  # a REALM workdir, or the mlm one (ORQA without pre-training)
-        c.train.update(batch_size=16, steps=60, lr=5e-5, warmup_steps=6, checkpoint_every=60)
+        c.train.update(batch_size=16, steps=40, lr=5e-5, warmup_steps=4, checkpoint_every=40)
         c.eval.update(every_steps=0, at_start=False, fresh_index=False)  # dev EM at the end
     elif stage == "ict":
         c.task = "ict"
         c.init.path = c.init.embedder_path
-        c.train.update(batch_size=16, steps=100, lr=3e-5, warmup_steps=10, checkpoint_every=100)
+        c.train.update(batch_size=16, steps=60, lr=5e-5, warmup_steps=10, checkpoint_every=60)
         c.eval.update(every_steps=0, at_start=True, fresh_index=False)
     if c.task != "realm_mlm":
         c.train.freeze_steps = {}  # the retriever-freeze belongs to REALM pre-training

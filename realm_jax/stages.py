@@ -35,6 +35,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # ORQA from: the start's own weights, untouched ("start": MiniLM) / the warm starts without
 # REALM ("none": the paper's ORQA) / REALM with a refreshed index / with a never-refreshed one.
 ARMS = ("start", "none", "refresh", "norefresh")
+READERS = ("realm", "start")
 
 
 def load(pipeline: str, stage: str, **overrides: Any) -> ml_collections.ConfigDict:
@@ -93,6 +94,11 @@ class Pipeline:
       stage_overrides: per stage name, more overrides (e.g. {"": {"train.steps": 50}}).
       train_retriever: whether the pipeline has an `ict` stage (from scratch); else the
         retriever starts from the config's `init.embedder_path` (MiniLM).
+      reader: where ORQA's reader comes from after pre-training: "realm" (the paper: the
+        knowledge-augmented encoder of the REALM run, or of the `mlm` warm start for the
+        "none" arm) or "start" (the start's own encoder, e.g. MiniLM, with the pre-trained
+        retriever: Table 2's "REALM retriever + baseline encoder" row). The retriever is the
+        pre-trained one either way.
     """
 
     config: str
@@ -102,8 +108,13 @@ class Pipeline:
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     stage_overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     train_retriever: bool = False
+    reader: str = "realm"
     progress: bool = True
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.reader not in READERS:
+            raise ValueError(f"Pipeline.reader={self.reader!r}; accepted: {READERS}")
 
     def cfg(self, stage: str, **extra: Any) -> ml_collections.ConfigDict:
         arg = f"{self.start},{stage}" if self.start else stage
@@ -135,14 +146,18 @@ class Pipeline:
     def orqa(self, arm: str, init: Mapping[str, str]) -> epath.Path:
         """ORQA from the REALM run of `arm`, from the warm starts ("none"), or from the
         weights the pipeline starts from ("start")."""
+        own = self.cfg("").init
         if arm == "start":
-            own = self.cfg("").init
             source = {"init.path": own.path, "init.embedder_path": own.embedder_path}
         elif arm == "none":
             source = dict(init)
         else:
             source = {"init.path": str(self.dir(f"realm_{arm}").resolve()),
                       "init.embedder_path": ""}
+        if self.reader == "start" and arm != "start":
+            # "" = the retriever comes with init.path
+            source = {"init.path": own.path,
+                      "init.embedder_path": source["init.embedder_path"] or source["init.path"]}
         return self._run(f"orqa_{arm}", self.cfg("orqa", **source))
 
     def run(self, arms: tuple[str, ...] = ARMS) -> dict[str, dict[str, Any]]:
@@ -166,12 +181,16 @@ class Pipeline:
             return out
         realm = self.dir(f"realm_{arm}")
         fresh = history(realm, "fresh_gold_recall_at_5")
-        ict = history(self.dir("ict"), "fresh_gold_recall_at_5") if self.train_retriever else []
-        out.update(
+        for k, prefix in ((5, "recall"), (1, "recall_at_1")):
+            curve = history(realm, f"fresh_gold_recall_at_{k}")
+            ict = (history(self.dir("ict"), f"fresh_gold_recall_at_{k}")
+                   if self.train_retriever else [])
+            nan = float("nan")
             # The retriever the pipeline starts from (before ICT, if it trains one).
-            recall_start=ict[0][1] if ict else (fresh[0][1] if fresh else float("nan")),
-            recall_before=fresh[0][1] if fresh else float("nan"),
-            recall_after=fresh[-1][1] if fresh else float("nan"),
+            out[f"{prefix}_start"] = ict[0][1] if ict else (curve[0][1] if curve else nan)
+            out[f"{prefix}_before"] = curve[0][1] if curve else nan
+            out[f"{prefix}_after"] = curve[-1][1] if curve else nan
+        out.update(
             fresh_recall_curve=fresh,
             live_recall_curve=history(realm, "gold_recall_at_5"),
             utility_curve=history(realm, "heldout_retrieval_utility"),

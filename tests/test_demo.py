@@ -65,14 +65,15 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, eight_devices, capsys):
     ict = [json.loads(x) for x in (root / "ict" / "metrics.jsonl").read_text().splitlines()]
     assert result["recall_at_5_before"] == ict[0]["fresh_gold_recall_at_5"]
     assert ict[0]["step"] == 0
-    # ORQA from the start's own weights, from the warm starts (encoder from mlm, retriever
-    # from ict), and from REALM (both towers from it).
+    assert result["recall_at_1_after"] == evals[-1]["fresh_gold_recall_at_1"]
+    assert result["recall_at_1_before"] == ict[0]["fresh_gold_recall_at_1"]
+    # ORQA's reader is the start's own encoder (reader="start"); its retriever is the start's,
+    # ICT's (the warm starts without REALM) or REALM's.
     origins = {arm: json.loads((root / f"orqa_{arm}" / "config.json").read_text())["init"]
                for arm in ("start", "none", "refresh")}
     assert origins["start"] == {"path": "", "embedder_path": ""}  # tiny: from scratch
-    assert origins["none"] == {"path": str((root / "mlm").resolve()),
-                               "embedder_path": str((root / "ict").resolve())}
-    assert origins["refresh"] == {"path": str(realm.resolve()), "embedder_path": ""}
+    assert origins["none"] == {"path": "", "embedder_path": str((root / "ict").resolve())}
+    assert origins["refresh"] == {"path": "", "embedder_path": str(realm.resolve())}
     assert (root / "refresh_ablation.png").stat().st_size > 0
     assert json.loads((root / "demo_result.json").read_text()) == json.loads(json.dumps(result))
     assert [s for s, _ in result["heldout_utility_curve"]] == [0, 2, 4]

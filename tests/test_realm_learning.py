@@ -128,7 +128,8 @@ def test_fresh_recall_and_heldout_utility_equal_direct_computation(tmp_path, eig
                      "realm.score_scale": "inv_sqrt_d"})
     result = train(config, tmp_path, progress=False)
     final = result.evals[-1]
-    assert {"gold_recall_at_5", "fresh_gold_recall_at_5", "heldout_retrieval_utility",
+    assert {"gold_recall_at_5", "fresh_gold_recall_at_5", "gold_recall_at_1",
+            "fresh_gold_recall_at_1", "heldout_retrieval_utility",
             "heldout_mlm_accuracy"} <= set(final)
     params = result.params
     mesh = sharding.make_mesh(dict(config.mesh))
@@ -143,8 +144,9 @@ def test_fresh_recall_and_heldout_utility_equal_direct_computation(tmp_path, eig
     q = task.queries.embed_texts(params["embedder"], tok, questions, config.data.query_len)
     top = np.argsort(-(q @ table.T), axis=1, kind="stable")[:, :5]
     keep = gold >= 0
-    expect = (top[keep] == gold[keep][:, None]).any(-1).mean()
-    assert final["fresh_gold_recall_at_5"] == pytest.approx(expect)
+    for k in (1, 5):
+        expect = (top[keep, :k] == gold[keep][:, None]).any(-1).mean()
+        assert final[f"fresh_gold_recall_at_{k}"] == pytest.approx(expect), k
 
     # Held-out utility: per example Σ_j [log Σ_z p(z|x) p(y_j|z,x) − log p(y_j|null, x)] / n,
     # with every tower run deterministically on the inputs `prepare` builds.

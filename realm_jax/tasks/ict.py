@@ -31,7 +31,14 @@ from realm_jax.data.ict import ict_dataset, nonempty_blocks
 from realm_jax.data.pipeline import mesh_shard
 from realm_jax.models import Embedder
 from realm_jax.retrieval.searcher import Searcher
-from realm_jax.tasks.common import PyTree, Task, eval_questions, fresh_searcher, gold_recall
+from realm_jax.tasks.common import (
+    PyTree,
+    Task,
+    eval_questions,
+    fresh_searcher,
+    gold_recall,
+    recall_ks,
+)
 
 # The score of a masked (duplicate) negative: exp() of it is 0 in float32, and unlike -inf it
 # keeps every intermediate of the softmax and its gradient finite.
@@ -129,7 +136,6 @@ class Ict(Task):
         re-embedding a whole corpus to measure nothing would be waste.
         """
         del searcher, fresh
-        c = self.config.eval
         if not loaders.is_synthetic(self.config) and not self.config.data.get("qa", ""):
             return {}
         if self._eval_qa is None:
@@ -144,5 +150,5 @@ class Ict(Task):
         fresh = fresh_searcher(self.config, self.mesh, params["embedder"], self.blocks,
                                embedder=self._block_embedder)
         recall = gold_recall(self.queries, params["embedder"], fresh, self.tokenizer,
-                             questions, gold, c.recall_k, self.query_len)
-        return {f"fresh_gold_recall_at_{c.recall_k}": recall}
+                             questions, gold, recall_ks(self.config), self.query_len)
+        return {f"fresh_gold_recall_at_{k}": v for k, v in recall.items()}

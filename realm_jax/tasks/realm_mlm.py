@@ -35,6 +35,7 @@ from realm_jax.tasks.common import (
     fresh_searcher,
     gold_recall,
     query_tower,
+    recall_ks,
     search_host_rows,
 )
 
@@ -176,13 +177,16 @@ class RealmMlm(Task):
             questions, gold = self._eval_questions
             recall = functools.partial(gold_recall, self.queries, query_tower(params),
                                        tokenizer=self.tokenizer, questions=questions,
-                                       gold_blocks=gold, k=c.recall_k, max_length=self.query_len)
-            live = out[f"gold_recall_at_{c.recall_k}"] = recall(searcher=searcher)
+                                       gold_blocks=gold, ks=recall_ks(self.config),
+                                       max_length=self.query_len)
+            live = recall(searcher=searcher)
+            out.update({f"gold_recall_at_{k}": v for k, v in live.items()})
             if c.get("fresh_index", False):
                 # A fresh live index answers the same search again: reuse its figure.
-                out[f"fresh_gold_recall_at_{c.recall_k}"] = live if fresh else recall(
+                current = live if fresh else recall(
                     searcher=fresh_searcher(self.config, self.mesh, params["embedder"],
                                             self.blocks, self._block_embedder))
+                out.update({f"fresh_gold_recall_at_{k}": v for k, v in current.items()})
         if loaders.is_synthetic(self.config):
             out.update(self.heldout_utility(params, searcher))
         return out
