@@ -190,3 +190,33 @@ def test_realm_config_keys_reach_the_loss(eight_devices):
     params, _ = initialize.init_towers(defaults.model_config(config), task.towers, mesh)
     loss, metrics = task.loss(params, inputs, jax.random.key(0))
     assert np.isfinite(float(loss)) and "retriever_loss" in metrics
+
+
+def test_benchmark_summarizes_seeds_into_medians_and_ranges(monkeypatch):
+    import importlib.util
+
+    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "benchmarks")
+    monkeypatch.syspath_prepend(benchmarks)  # as when run as a script: bench_utils beside it
+    path = os.path.join(benchmarks, "realm_learning.py")
+    spec = importlib.util.spec_from_file_location("realm_learning_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def arm(r1: float, em: float) -> dict:
+        return {"em": em, "answer_recall@2": 0.9, "recall_start": 0.7, "recall_before": 0.9,
+                "recall_after": 0.95, "recall_at_1_start": 0.2, "recall_at_1_before": 0.25,
+                "recall_at_1_after": r1, "utility_curve": [[0, -0.1], [30, 0.2]]}
+
+    ict = {"recall_untrained": 0.7, "recall_trained": 0.9, "recall_at_1_untrained": 0.2,
+           "recall_at_1_trained": 0.25}
+    results = {"cpu": "test", "seeds": [0, 1, 2], "arms": ["refresh"], "runs": {"minilm": {
+        str(s): {"refresh": arm(r1, em), "ict": ict}
+        for s, (r1, em) in enumerate([(0.3, 0.5), (0.5, 0.4), (0.4, 0.6)])}}}
+    results["summary"] = bench.summarize(results)
+    s = results["summary"]["minilm"]["refresh"]
+    assert s["recall_at_1_after"] == {"median": 0.4, "min": 0.3, "max": 0.5, "n": 3}
+    assert s["em"]["median"] == 0.5 and s["utility_last"]["median"] == 0.2
+    assert s["answer_recall"]["median"] == 0.9
+    text = bench.table(results)
+    assert "0.400 [0.300, 0.500]" in text and "ICT alone" in text
