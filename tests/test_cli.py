@@ -31,8 +31,8 @@ def one_line_error(status, err) -> str:
     return last
 
 
-@pytest.mark.parametrize("module", COMMANDS)
-@pytest.mark.parametrize("flag", ["--help", "--helpfull"])
+@pytest.mark.parametrize("module, flag", [(m, "--help") for m in COMMANDS] +
+                         [("realm_jax.train", "--helpfull")])
 def test_help_exits_zero(module, flag):
     status, out, err = command(module, flag)
     assert status == 0, err[-2000:]
