@@ -16,7 +16,9 @@ Flags are spelled with underscores (`--allow_pickle`), absl's style, in every co
 from __future__ import annotations
 
 import functools
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -123,4 +125,21 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def run(main: Callable[[list[str]], Any]) -> None:
     """`app.run(main)` the way every realm_jax command runs (module docstring)."""
-    app.run(one_line_errors(main), flags_parser=parse_flags)
+    try:
+        app.run(one_line_errors(main), flags_parser=parse_flags)
+    except SystemExit as e:
+        if isinstance(e.code, str) and e.code.startswith("error: "):
+            _exit_now(e.code)
+        raise
+
+
+def _exit_now(message: str) -> None:
+    """Print the one line and leave without the interpreter's shutdown. Why: what a failed
+    operation leaves running prints tracebacks while Python shuts down — orbax's pending
+    reads of an unreadable checkpoint ("Exception ignored in: <coroutine …>") and
+    TensorStore callbacks into a closed event loop ("Event loop is closed") — after the line
+    that already said why. Every `finally` of the command has run by now."""
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    logging.flush()
+    os._exit(1)

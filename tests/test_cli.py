@@ -79,3 +79,31 @@ def test_one_line_errors_in_process():
         assert exit_.value.code == line
     with pytest.raises(RuntimeError):  # not a user error: its traceback is kept
         fails(RuntimeError("bug"))
+
+
+def test_leftovers_of_a_reported_error_print_nothing_at_exit():
+    """A coroutine that fails when collected after `error: …` was printed (orbax's pending
+    reads of an unreadable checkpoint) must not add a traceback to the one line."""
+    script = (
+        "import types\n"
+        "from realm_jax import cli\n"
+        "from realm_jax.errors import UserError\n"
+        "@types.coroutine\n"
+        "def pause():\n"
+        "    yield\n"
+        "async def read():\n"
+        "    try:\n"
+        "        await pause()\n"
+        "    finally:\n"
+        "        raise RuntimeError('pending read')  # when collected\n"
+        "KEEP = []\n"
+        "def main(argv):\n"
+        "    coroutine = read()\n"
+        "    coroutine.send(None)  # suspended, as orbax's reads are\n"
+        "    KEEP.append(coroutine)\n"
+        "    raise UserError('checkpoint 3 is unreadable')\n"
+        "cli.run(main)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: checkpoint 3 is unreadable", done.stderr
