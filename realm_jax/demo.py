@@ -103,6 +103,7 @@ def run(workdir: epath.PathLike = "runs/demo", ablation: bool = False,
         plot_curves(pipeline, realm_arms, plot)
         stale = results["norefresh"]
         result.update(recall_at_5_after_never_refreshed=stale["recall_after"],
+                      recall_at_1_after_never_refreshed=stale["recall_at_1_after"],
                       em_never_refreshed=stale["em"], em_warm_starts_only=results["none"]["em"],
                       plot=str(plot))
     result["wall_s"] = time.time() - t0
@@ -123,8 +124,9 @@ def run(workdir: epath.PathLike = "runs/demo", ablation: bool = False,
     if ablation:
         print(f"| dev exact match, ORQA after ICT only (no REALM; MiniLM reader) | "
               f"{result['em_warm_starts_only']:.3f} |")
-        print(f"| never-refreshed index: recall@5 after / dev EM | "
+        print(f"| never-refreshed index: recall@5 / @1 after, dev EM | "
               f"{result['recall_at_5_after_never_refreshed']:.3f} / "
+              f"{result['recall_at_1_after_never_refreshed']:.3f}, "
               f"{result['em_never_refreshed']:.3f} |")
     print(f"| index refreshes during pre-training | {result['index_refreshes']} |")
     print(f"| wall time | {result['wall_s'] / 60:.1f} min |")

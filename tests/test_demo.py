@@ -57,6 +57,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, eight_devices, capsys):
              .splitlines() if json.loads(x)["kind"] == "eval"]
     assert stale[0]["step"] == 0
     assert stale[0]["fresh_gold_recall_at_5"] == evals[0]["fresh_gold_recall_at_5"]
+    assert result["recall_at_1_after_never_refreshed"] == stale[-1]["fresh_gold_recall_at_1"]
     assert result["index_refreshes"] >= 1
     for key in ("em_with_pretraining", "em_without_pretraining", "em_never_refreshed",
                 "em_warm_starts_only"):
