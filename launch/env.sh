@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by launch/demo.sh and launch/test.sh: create .venv if missing and install the
 # package with the given extras. Reinstalls only when setup.cfg / pyproject.toml change.
 # Usage: source launch/env.sh [extras]   (extras: "" or "test")
