@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import sys
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
