@@ -93,13 +93,12 @@ def run(out: str, starts: list[str], seeds: list[int], arms: list[str], refresh:
                 reader=READERS[start])
             per_arm = pipeline.run(tuple(arms))
             per_arm["ict"] = {}
-            for k in (5, 1):
-                ict = stages.history(pipeline.dir("ict"), f"fresh_gold_recall_at_{k}")
-                suffix = "" if k == 5 else "_at_1"
-                per_arm["ict"].update({
-                    f"recall{suffix}_untrained": ict[0][1] if ict else float("nan"),
-                    f"recall{suffix}_trained": ict[-1][1] if ict else float("nan"),
-                    f"curve{suffix}": ict})
+            for k, suffix in ((5, ""), (1, "_at_1")):
+                curve = stages.history(pipeline.dir("ict"), f"fresh_gold_recall_at_{k}")
+                untrained, trained = stages.ends(curve)
+                per_arm["ict"].update({f"recall{suffix}_untrained": untrained,
+                                       f"recall{suffix}_trained": trained,
+                                       f"curve{suffix}": curve})
             per_arm["timings"] = dict(pipeline.timings, wall_s=time.time() - t0)
             results["runs"].setdefault(start, {})[str(seed)] = per_arm
             _write(out, results)

@@ -75,6 +75,13 @@ def history(workdir: epath.Path, key: str, kind: str = "eval") -> list[tuple[int
     return [(r["step"], r[key]) for r in rows if r.get("kind") == kind and key in r]
 
 
+def ends(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """The first and the last value of a `history` (NaN for an empty one)."""
+    if not points:
+        return float("nan"), float("nan")
+    return float(points[0][1]), float(points[-1][1])
+
+
 def last(workdir: epath.Path, key: str, kind: str = "eval") -> float:
     points = history(workdir, key, kind)
     return float(points[-1][1]) if points else float("nan")
@@ -180,18 +187,17 @@ class Pipeline:
         if arm in ("start", "none"):
             return out
         realm = self.dir(f"realm_{arm}")
-        fresh = history(realm, "fresh_gold_recall_at_5")
+        fresh = {k: history(realm, f"fresh_gold_recall_at_{k}") for k in (5, 1)}
         for k, prefix in ((5, "recall"), (1, "recall_at_1")):
-            curve = history(realm, f"fresh_gold_recall_at_{k}")
             ict = (history(self.dir("ict"), f"fresh_gold_recall_at_{k}")
                    if self.train_retriever else [])
-            nan = float("nan")
+            before, after = ends(fresh[k])
             # The retriever the pipeline starts from (before ICT, if it trains one).
-            out[f"{prefix}_start"] = ict[0][1] if ict else (curve[0][1] if curve else nan)
-            out[f"{prefix}_before"] = curve[0][1] if curve else nan
-            out[f"{prefix}_after"] = curve[-1][1] if curve else nan
+            out[f"{prefix}_start"] = ends(ict)[0] if ict else before
+            out[f"{prefix}_before"] = before
+            out[f"{prefix}_after"] = after
         out.update(
-            fresh_recall_curve=fresh,
+            fresh_recall_curve=fresh[5],
             live_recall_curve=history(realm, "gold_recall_at_5"),
             utility_curve=history(realm, "heldout_retrieval_utility"),
             index_refreshes=int(max((s for _, s in history(realm, "index_swaps", "train")),
