@@ -11,12 +11,18 @@ failure becomes one line naming the step's directory:
   * `ModelChanged`: the files read, but hold another model than the config's (orbax's advice,
     `strict=False`, would pad or cut the arrays: never what we want). No older step would
     fit either, so there is no fallback.
+
+When one read fails, orbax's event loop closes with the other reads still in flight;
+TensorStore completes them later and each completion reports `RuntimeError('Event loop is
+closed')` through `sys.unraisablehook`: dozens of tracebacks after the one line, in some runs
+and not others. `restore_step` drops exactly those (`_drop_closed_loop_reports`).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +54,28 @@ def reason(error: BaseException) -> str:
     return first if len(first) <= 160 else first[:157] + "..."
 
 
+def _is_closed_loop_report(report: Any) -> bool:
+    """A read orbax abandoned, completed by TensorStore after its event loop closed."""
+    return (report.object is None and isinstance(report.exc_value, RuntimeError)
+            and str(report.exc_value) == "Event loop is closed")
+
+
+def _drop_closed_loop_reports() -> None:
+    """Install (once) an unraisable hook that drops `_is_closed_loop_report`s and passes on
+    everything else. Installed before the read, not after it fails: the reports can come
+    before the error reaches `restore_step`."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(report: Any) -> None:
+        if not _is_closed_loop_report(report):
+            previous(report)
+
+    hook.drops_closed_loop_reports = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def step_dir(manager: Any, step: int) -> str:
     return f"{manager.directory}/{step}"
 
@@ -59,6 +87,7 @@ def restore_step(manager: Any, step: int, items: Mapping[str, Any]) -> dict[str,
       ModelChanged: the arrays have other shapes, or the tree other parameters, than `items`.
       CheckpointUnreadable: anything else that stops the read.
     """
+    _drop_closed_loop_reports()
     try:
         return checkpoints.restore_items(manager, step, items)
     except Exception as e:  # noqa: BLE001  orbax raises bare Exceptions for unreadable files

@@ -6,10 +6,11 @@ import logging
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from realm_jax import checkpoints, defaults
+from realm_jax import checkpoints, defaults, restore
 from realm_jax.evaluate import run as evaluate_run
 from realm_jax.inference import Realm
 from realm_jax.restore import CheckpointUnreadable, ModelChanged, reason
@@ -43,6 +44,19 @@ def test_reason_keeps_the_first_line_without_the_tensorstore_spec():
     error = Exception("Encountered error while reading array index: (slice(0, 3, 1),). See "
                       "full TensorStore details: <bound method ...\n  'base': {\n")
     assert reason(error) == "Encountered error while reading array index: (slice(0, 3, 1),)"
+
+
+def test_closed_loop_reports_are_dropped_and_others_passed_on(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    restore._drop_closed_loop_reports()
+    restore._drop_closed_loop_reports()  # once only: not a chain of two filters
+    closed = SimpleNamespace(object=None, exc_value=RuntimeError("Event loop is closed"))
+    other = SimpleNamespace(object=None, exc_value=RuntimeError("something else"))
+    owned = SimpleNamespace(object=object(), exc_value=RuntimeError("Event loop is closed"))
+    for report in (closed, other, owned):
+        sys.unraisablehook(report)
+    assert seen == [other, owned]
 
 
 @pytest.mark.slow
