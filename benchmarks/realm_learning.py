@@ -48,9 +48,11 @@ from bench_utils import cpu_model  # noqa: E402
 
 from realm_jax import stages  # noqa: E402
 
-METRICS = ("recall_start", "recall_before", "recall_after", "recall_at_1_start",
-           "recall_at_1_before", "recall_at_1_after", "utility_first", "utility_last", "em",
-           "answer_recall")
+# As stages.Pipeline.measure names them; then the ones _flatten derives.
+MEASURED = ("recall_start", "recall_before", "recall_after", "recall_at_1_start",
+            "recall_at_1_before", "recall_at_1_after", "gold_gain_before", "gold_gain_after",
+            "teacher_gold_first_before", "teacher_gold_first_after")
+METRICS = (*MEASURED, "utility_first", "utility_last", "em", "answer_recall")
 # ORQA's reader per start (stages.Pipeline.reader): MiniLM's own encoder reads better than one
 # warm-started on a CPU budget; the scratch start's own encoder is random, so REALM's.
 READERS = {"minilm": "start", "scratch": "realm"}
@@ -68,7 +70,7 @@ def _flatten(arm_result: dict) -> dict[str, float]:
     utility = arm_result.get("utility_curve") or []
     recall = [v for k, v in arm_result.items() if k.startswith("answer_recall@")]
     return {
-        **{m: arm_result.get(m, float("nan")) for m in METRICS if m.startswith("recall")},
+        **{m: arm_result.get(m, float("nan")) for m in MEASURED},
         "utility_first": utility[0][1] if utility else float("nan"),
         "utility_last": utility[-1][1] if utility else float("nan"),
         "em": arm_result["em"],
@@ -137,9 +139,10 @@ def table(results: dict) -> str:
 
     lines = [f"CPU: {results['cpu']}; seeds {results['seeds']}; median [min, max]", "",
              "| start | arm | fresh recall@5: start → after ICT → after REALM | "
-             "fresh recall@1: the same | held-out utility first → last | ORQA dev EM | "
+             "fresh recall@1: the same | held-out utility first → last | gold block's gain "
+             "(nats/token), teacher ranks it first: before → after REALM | ORQA dev EM | "
              "answer recall |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for start, arms in results["summary"].items():
         for arm in results["arms"]:
             s = arms[arm]
@@ -148,14 +151,16 @@ def table(results: dict) -> str:
                          f"{cell(s['recall_at_1_start'])} → {cell(s['recall_at_1_before'])} → "
                          f"{cell(s['recall_at_1_after'])} | "
                          f"{cell(s['utility_first'])} → "
-                         f"{cell(s['utility_last'])} | {cell(s['em'])} | "
+                         f"{cell(s['utility_last'])} | {cell(s['gold_gain_before'])} → "
+                         f"{cell(s['gold_gain_after'])}; {cell(s['teacher_gold_first_before'])}"
+                         f" → {cell(s['teacher_gold_first_after'])} | {cell(s['em'])} | "
                          f"{cell(s['answer_recall'])} |")
         if "ict" in arms:
             ict = arms["ict"]
             lines.append(f"| {start} | ICT alone: fresh recall untrained → trained | "
                          f"{cell(ict['recall_untrained'])} → {cell(ict['recall_trained'])} | "
                          f"{cell(ict['recall_at_1_untrained'])} → "
-                         f"{cell(ict['recall_at_1_trained'])} | | | |")
+                         f"{cell(ict['recall_at_1_trained'])} | | | | |")
     return "\n".join(lines)
 
 

@@ -92,6 +92,10 @@ def run(workdir: epath.PathLike = "runs/demo", ablation: bool = False,
         "recall_at_1_before": main["recall_at_1_start"],
         "recall_at_1_after_ict": main["recall_at_1_before"],
         "recall_at_1_after": main["recall_at_1_after"],
+        "gold_gain_before": main["gold_gain_before"],
+        "gold_gain_after": main["gold_gain_after"],
+        "teacher_gold_first_before": main["teacher_gold_first_before"],
+        "teacher_gold_first_after": main["teacher_gold_first_after"],
         "em_with_pretraining": main["em"],
         "em_without_pretraining": results["start"]["em"],
         "index_refreshes": main["index_refreshes"],
@@ -117,6 +121,11 @@ def run(workdir: epath.PathLike = "runs/demo", ablation: bool = False,
                       ("after REALM pre-training", "after")):
         print(f"| gold-block recall@5 / @1, fresh index, {when} | "
               f"{result[f'recall_at_5_{key}']:.3f} / {result[f'recall_at_1_{key}']:.3f} |")
+    print(f"| encoder reads: gold block's gain over none (nats/token); teacher ranks it first "
+          f"(chance {1 / (pipeline.cfg('').retrieval.k - 1):.2f}), before → after REALM | "
+          f"{result['gold_gain_before']:.3f} → {result['gold_gain_after']:.3f}; "
+          f"{result['teacher_gold_first_before']:.2f} → "
+          f"{result['teacher_gold_first_after']:.2f} |")
     print(f"| dev exact match, ORQA without pre-training | "
           f"{result['em_without_pretraining']:.3f} |")
     print(f"| dev exact match, ORQA after REALM pre-training (its retriever, MiniLM reader) | "

@@ -178,7 +178,8 @@ class Pipeline:
 
     def measure(self, arm: str) -> dict[str, Any]:
         """What an arm reached: fresh-index gold recall@5 of held-out questions before and
-        after pre-training, held-out retrieval utility, ORQA dev EM and answer recall."""
+        after pre-training, held-out retrieval utility, how well the encoder reads the gold
+        block, ORQA dev EM and answer recall."""
         orqa = self.dir(f"orqa_{arm}")
         out: dict[str, Any] = {"em": last(orqa, "exact_match")}
         recall_keys = [k for k in _eval_keys(orqa) if k.startswith("recall@")]
@@ -196,6 +197,9 @@ class Pipeline:
             out[f"{prefix}_start"] = ends(ict)[0] if ict else before
             out[f"{prefix}_before"] = before
             out[f"{prefix}_after"] = after
+        # Whether the encoder reads (RealmMlm.evaluate): the pdist teacher's worth.
+        for key in ("gold_gain", "teacher_gold_first"):
+            out[f"{key}_before"], out[f"{key}_after"] = ends(history(realm, f"heldout_{key}"))
         out.update(
             fresh_recall_curve=fresh[5],
             live_recall_curve=history(realm, "gold_recall_at_5"),

@@ -52,6 +52,9 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, eight_devices, capsys):
     assert result["recall_at_5_after_ict"] == evals[0]["fresh_gold_recall_at_5"]
     assert result["recall_at_5_after"] == evals[-1]["fresh_gold_recall_at_5"]
     assert all("heldout_retrieval_utility" in r for r in evals)
+    for key in ("gold_gain", "teacher_gold_first"):
+        assert result[f"{key}_before"] == evals[0][f"heldout_{key}"], key
+        assert result[f"{key}_after"] == evals[-1][f"heldout_{key}"], key
     # Both pre-training runs start from the same baseline (same towers, same index v0).
     stale = [json.loads(x) for x in (root / "realm_norefresh" / "metrics.jsonl").read_text()
              .splitlines() if json.loads(x)["kind"] == "eval"]

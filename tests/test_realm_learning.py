@@ -123,7 +123,7 @@ def test_freeze_keeps_the_retriever_bitwise_then_moves_it(tmp_path, eight_device
 # --------------------------------------------------------------------------- measures
 
 
-def test_fresh_recall_and_heldout_utility_equal_direct_computation(tmp_path, eight_devices):
+def test_fresh_recall_heldout_utility_and_reading_equal_direct_computation(tmp_path, eight_devices):
     config = tiny(**{"train.steps": 2, "eval.fresh_index": True, "eval.heldout_sentences": 16,
                      "realm.score_scale": "inv_sqrt_d"})
     result = train(config, tmp_path, progress=False)
@@ -156,7 +156,15 @@ def test_fresh_recall_and_heldout_utility_equal_direct_computation(tmp_path, eig
     cfg = defaults.model_config(config)
     live = LiveIndex(config, tmp_path, mesh, corpus_fp=corpus.fingerprint, mode="external")
     live.start(0)
-    utilities = []
+    def token_lp(x):  # [B, K, M] log p(y_j | z, x) of the encoder on the joins of x
+        logits = np.asarray(KnowledgeAugEncoder(cfg).apply(
+            {"params": params["encoder"]}, x["join_ids"], x["join_mask"], x["join_types"],
+            x["mlm_positions"]), np.float64)
+        logp = np_log_softmax(logits)
+        return np.take_along_axis(logp, np.broadcast_to(
+            x["mlm_labels"][:, None, :, None], logp.shape[:-1] + (1,)), -1)[..., 0]
+
+    utilities, gains, firsts = [], [], []
     for batch in task._heldout_batches:
         x, _ = task.prepare(batch, params, live.searcher)
         emb = lambda ids, mask, types: np.asarray(Embedder(cfg).apply(  # noqa: E731
@@ -164,18 +172,24 @@ def test_fresh_recall_and_heldout_utility_equal_direct_computation(tmp_path, eig
         qe = emb(x["query_ids"], x["query_mask"], x["query_types"])
         ze = emb(x["cand_ids"], x["cand_mask"], x["cand_types"])
         log_pz = np_log_softmax(np.einsum("bd,bkd->bk", qe, ze) * 16 ** -0.5)
-        logits = np.asarray(KnowledgeAugEncoder(cfg).apply(
-            {"params": params["encoder"]}, x["join_ids"], x["join_mask"], x["join_types"],
-            x["mlm_positions"]), np.float64)
-        logp = np_log_softmax(logits)
-        labels, w = x["mlm_labels"], x["mlm_weights"]
-        tok_lp = np.take_along_axis(logp, np.broadcast_to(
-            labels[:, None, :, None], logp.shape[:-1] + (1,)), -1)[..., 0]  # [B, K, M]
+        tok_lp, w = token_lp(x), x["mlm_weights"]
         marginal = np.log(np.exp(log_pz[..., None] + tok_lp).sum(1))  # [B, M]
         u = ((marginal - tok_lp[:, 0]) * w).sum(-1) / np.maximum(w.sum(-1), 1)
         utilities.append(u.mean())
+
+        # Reading: the gold block second, the retrieved others after it, none twice.
+        gold = batch["gold_blocks"]
+        cands = task.gold_candidates(batch, params, live.searcher)
+        assert (gold >= 0).all() and (cands[:, 1] == gold).all() and (cands[:, 0] == -1).all()
+        assert not (cands[:, 2:] == gold[:, None]).any()
+        ll = (token_lp(task.inputs(batch, cands)) * w[:, None]).sum(-1) / np.maximum(
+            w.sum(-1), 1)[:, None]  # [B, K]
+        gains.extend(ll[:, 1] - ll[:, 0])
+        firsts.extend(ll[:, 1] > ll[:, 2:].max(-1))
     live.close()
     assert final["heldout_retrieval_utility"] == pytest.approx(np.mean(utilities), abs=1e-4)
+    assert final["heldout_gold_gain"] == pytest.approx(np.mean(gains), abs=1e-4)
+    assert final["heldout_teacher_gold_first"] == pytest.approx(np.mean(firsts))
 
 
 def test_realm_config_keys_reach_the_loss(eight_devices):
@@ -206,7 +220,9 @@ def test_benchmark_summarizes_seeds_into_medians_and_ranges(monkeypatch):
     def arm(r1: float, em: float) -> dict:
         return {"em": em, "answer_recall@2": 0.9, "recall_start": 0.7, "recall_before": 0.9,
                 "recall_after": 0.95, "recall_at_1_start": 0.2, "recall_at_1_before": 0.25,
-                "recall_at_1_after": r1, "utility_curve": [[0, -0.1], [30, 0.2]]}
+                "recall_at_1_after": r1, "utility_curve": [[0, -0.1], [30, 0.2]],
+                "gold_gain_before": 0.01, "gold_gain_after": r1 / 10,
+                "teacher_gold_first_before": 0.33, "teacher_gold_first_after": 0.5}
 
     ict = {"recall_untrained": 0.7, "recall_trained": 0.9, "recall_at_1_untrained": 0.2,
            "recall_at_1_trained": 0.25}
@@ -219,4 +235,6 @@ def test_benchmark_summarizes_seeds_into_medians_and_ranges(monkeypatch):
     assert s["em"]["median"] == 0.5 and s["utility_last"]["median"] == 0.2
     assert s["answer_recall"]["median"] == 0.9
     text = bench.table(results)
+    assert s["gold_gain_after"] == {"median": 0.04, "min": 0.03, "max": 0.05, "n": 3}
     assert "0.400 [0.300, 0.500]" in text and "ICT alone" in text
+    assert "0.040 [0.030, 0.050]" in text

@@ -23,6 +23,16 @@ def token_log_probs(mlm_logits: Array, labels: Array) -> Array:
     return jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
 
 
+def candidate_log_likelihood(mlm_logits: Array, labels: Array, label_weights: Array) -> Array:
+    """log p(y|z,x) per candidate, the mean over the masked tokens: [B, K, M, V] → [B, K].
+
+    How well the encoder predicts the masked tokens from each candidate block alone: the
+    pdist teacher, and the held-out reading measure of `RealmMlm.evaluate`."""
+    w = label_weights.astype(jnp.float32)
+    per_cand = jnp.sum(token_log_probs(mlm_logits, labels) * w[:, None, :], -1)  # [B, K]
+    return per_cand / jnp.maximum(jnp.sum(w, -1, keepdims=True), 1.0)
+
+
 def marginal_mlm_loss(
     mlm_logits: Array,
     labels: Array,
@@ -137,9 +147,7 @@ def realm_loss(
         return loss, {**aux, "retriever_loss": loss}
     fixed = jax.lax.stop_gradient(retrieval_logits)
     loss, aux = marginal_mlm_loss(mlm_logits, labels, label_weights, fixed, variant)
-    w = label_weights.astype(jnp.float32)
-    per_cand = jnp.sum(token_log_probs(mlm_logits, labels) * w[:, None, :], -1)  # [B, K]
-    per_cand = per_cand / jnp.maximum(jnp.sum(w, -1, keepdims=True), 1.0)
+    per_cand = candidate_log_likelihood(mlm_logits, labels, label_weights)  # [B, K]
     # Distil over the retrieved blocks only, not the null document (candidate 0): an encoder
     # that does not read yet predicts best from nothing, and a teacher that prefers the null
     # document teaches the retriever to score it first for every query, which says nothing

@@ -26,7 +26,7 @@ from realm_jax.data.joins import join_mlm
 from realm_jax.data.pipeline import PretrainBatcher, mesh_shard, pretrain_dataset, to_global
 from realm_jax.models import Embedder, KnowledgeAugEncoder
 from realm_jax.models.embedder import relevance_scores
-from realm_jax.models.losses import realm_loss, score_scale
+from realm_jax.models.losses import candidate_log_likelihood, realm_loss, score_scale
 from realm_jax.retrieval.searcher import Searcher, realm_candidates
 from realm_jax.tasks.common import (
     PyTree,
@@ -83,14 +83,29 @@ class RealmMlm(Task):
             max_masks=c.data.max_masks, masking=c.data.masking,
             shard=mesh_shard(self.mesh, self.rules))
 
-    def prepare(self, batch, params, searcher: Searcher):
+    def candidates(self, batch, params, searcher: Searcher) -> np.ndarray:
+        """[B, K] block ids: the null document, then the top K − 1 retrieved with the current
+        query tower, trivial retrievals dropped."""
         fetch = min(self.fetch, searcher.num_blocks)
         q = self.queries.embed_host_rows(query_tower(params), batch["query_ids"],
                                          batch["query_mask"], batch["query_types"])
         ids, _ = search_host_rows(searcher, q, fetch)  # [B, fetch]
         source = batch["source_block"]
         source_hash = np.where(source >= 0, self.hashes[np.maximum(source, 0)], 0)
-        cands = realm_candidates(ids, source_hash, self.hashes, self.k)  # [B, K]
+        return realm_candidates(ids, source_hash, self.hashes, self.k)
+
+    def prepare(self, batch, params, searcher: Searcher):
+        cands = self.candidates(batch, params, searcher)  # [B, K]
+        inputs = self.inputs(batch, cands)
+        # The generated KB knows which block states the masked fact (−1: unknown). The key is
+        # there on every host, NaN without gold blocks, so hosts can average it (Task.prepare).
+        gold = batch["gold_blocks"]
+        hit = (cands[:, 1:] == gold[:, None]).any(-1)[gold >= 0]
+        host = {"gold_recall_at_k": float(hit.mean()) if hit.size else float("nan")}
+        return inputs, host
+
+    def inputs(self, batch, cands: np.ndarray) -> dict[str, np.ndarray]:
+        """The device inputs of a batch with the candidates `cands` [B, K]."""
         b = cands.shape[0]
         enc = self.blocks.encode(cands.reshape(-1), self.block_len)
         join = join_mlm(batch["query_ids"], batch["query_len"], self.blocks, cands,
@@ -106,12 +121,18 @@ class RealmMlm(Task):
             "mlm_positions": batch["mlm_positions"], "mlm_labels": batch["mlm_labels"],
             "mlm_weights": batch["mlm_weights"],
         }
-        # The generated KB knows which block states the masked fact (−1: unknown). The key is
-        # there on every host, NaN without gold blocks, so hosts can average it (Task.prepare).
+        return inputs
+
+    def gold_candidates(self, batch, params, searcher: Searcher) -> np.ndarray:
+        """[B, K]: `candidates` with the gold block second, after the null document, and the
+        retrieved others after it (rows without a gold block, −1, as retrieved)."""
+        cands = self.candidates(batch, params, searcher)
         gold = batch["gold_blocks"]
-        hit = (cands[:, 1:] == gold[:, None]).any(-1)[gold >= 0]
-        host = {"gold_recall_at_k": float(hit.mean()) if hit.size else float("nan")}
-        return inputs, host
+        for row, g in zip(cands, gold, strict=True):
+            if g >= 0:
+                others = [c for c in row[1:] if c != g]
+                row[1:] = [g, *others][: self.k - 1]
+        return cands
 
     def input_shapes(self, batch_size: int):
         b, k, m, i32 = batch_size, self.k, int(self.config.data.max_masks), np.int32
@@ -169,7 +190,14 @@ class RealmMlm(Task):
         - `heldout_retrieval_utility`, `heldout_mlm_accuracy` (synthetic KB): on the
           pre-training sentences of the eval split's entities, never trained on, retrieved
           with the live index: log p(y|x) − log p(y|x, null document) per masked token (the
-          paper's App. D says it rises through pre-training).
+          paper's App. D says it rises through pre-training);
+        - `heldout_gold_gain`, `heldout_teacher_gold_first` (synthetic KB, the same
+          sentences): whether the encoder *reads*, whatever the retriever finds. With the gold
+          block put among the candidates (`gold_candidates`): log p(y|gold, x) − log p(y|null,
+          x) per masked token, and the share of sentences whose gold block the encoder
+          predicts best from, of the K − 1 real candidates — what the pdist teacher tells the
+          retriever (chance: 1 / (K − 1)). Near 0 and near chance, the retriever's signal is
+          noise whatever the loss (Guu et al. §3.4's cold start).
         """
         c = self.config.eval
         out: dict[str, float] = {}
@@ -228,9 +256,28 @@ class RealmMlm(Task):
 
         return jax.jit(step)
 
+    @functools.cached_property
+    def _reading_step(self):
+        def step(params, inputs):
+            """Sums over the rows with a gold block (candidate 1, `has_gold` [B]): (gold −
+            null) per-token log-likelihood, gold best of the real candidates, rows."""
+            x, has_gold = inputs, inputs["has_gold"]
+            logits = self.encoder.apply({"params": params["encoder"]}, x["join_ids"],
+                                        x["join_mask"], x["join_types"], x["mlm_positions"],
+                                        deterministic=True)
+            ll = candidate_log_likelihood(logits, x["mlm_labels"], x["mlm_weights"])  # [B, K]
+            first = (ll[:, 1] > jnp.max(ll[:, 2:], axis=-1) if self.k > 2
+                     else jnp.ones_like(has_gold))
+            return (jnp.sum((ll[:, 1] - ll[:, 0]) * has_gold), jnp.sum(first * has_gold),
+                    jnp.sum(has_gold))
+
+        return jax.jit(step)
+
     def heldout_utility(self, params: PyTree, searcher: Searcher) -> dict[str, float]:
-        """Retrieval utility and MLM accuracy on held-out sentences (see `evaluate`)."""
+        """Retrieval utility, MLM accuracy and the reading measures on held-out sentences
+        (see `evaluate`)."""
         sums: dict[str, float] = {}
+        gain = first = rows = 0.0
         batches = self._heldout_batches
         for batch in batches:
             inputs, _ = self.prepare(batch, params, searcher)
@@ -238,4 +285,12 @@ class RealmMlm(Task):
                                                                        self.rules)))
             for k in ("retrieval_utility", "mlm_accuracy"):
                 sums[k] = sums.get(k, 0.0) + float(metrics[k]) / len(batches)
-        return {f"heldout_{k}": v for k, v in sums.items()}
+            gold = self.inputs(batch, self.gold_candidates(batch, params, searcher))
+            gold["has_gold"] = (batch["gold_blocks"] >= 0).astype(np.float32)
+            g, f, n = jax.device_get(self._reading_step(
+                params, to_global(gold, self.mesh, self.rules)))
+            gain, first, rows = gain + float(g), first + float(f), rows + float(n)
+        out = {f"heldout_{k}": v for k, v in sums.items()}
+        if rows:
+            out.update(heldout_gold_gain=gain / rows, heldout_teacher_gold_first=first / rows)
+        return out
