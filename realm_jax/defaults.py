@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.realm = ml_collections.ConfigDict(dict(
         score_scale="none",  # f(x,z) factor before p(z|x): "none" | "inv_sqrt_d" | "0.2"
         retriever_loss="marginal",  # "marginal" (REALM) | "pdist" (Atlas: reader as teacher)
+        # | "match" (ORQA: the blocks holding the masked span)
         teacher_temperature=1.0,  # pdist: softmax(log p(y|z,x) / T) over the candidates
     ))
     # Held-out evaluation during training: gold-block recall@k of the QA split's questions

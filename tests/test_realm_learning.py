@@ -1,5 +1,6 @@
 """What makes REALM pre-training teach the retriever: the freeze switch, score scaling, the
-pdist retriever loss, and the held-out measures (fresh-index recall, retrieval utility)."""
+pdist and match retriever losses, and the held-out measures (fresh-index recall, retrieval
+utility, whether the encoder reads)."""
 
 import os
 
@@ -14,6 +15,7 @@ from realm_jax.data.loaders import load_corpus, load_tokenizer
 from realm_jax.models.losses import marginal_mlm_loss, realm_loss, score_scale
 from realm_jax.retrieval.refresher import BlockEmbedder
 from realm_jax.tasks import make_task
+from realm_jax.tasks.realm_mlm import contains_masked_span
 from realm_jax.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +75,44 @@ def test_pdist_loss_and_retriever_gradient_match_numpy(temperature):
     expect = np.zeros_like(retrieval)
     expect[:, 1:] = (np.exp(student) - teacher) / len(retrieval)
     np.testing.assert_allclose(np.asarray(grad), expect, atol=1e-6)  # the null gets none
+
+
+def test_match_loss_and_gradient_match_numpy():
+    logits, labels, weights, retrieval = _case(2)
+    match = np.array([[False, True, False, True], [False, False, False, False],
+                      [True, False, True, False]])  # row 1: no block holds the span
+    loss, aux = realm_loss(logits, labels, weights, retrieval, retriever_loss="match",
+                           cand_match=match)
+    # numpy: −log Σ_{matching retrieved z} p(z|x), p over the retrieved candidates 1..K−1
+    # (the null document is out, even marked as matching); 0 where none matches.
+    log_p = np_log_softmax(retrieval[:, 1:].astype(np.float64))
+    m = match[:, 1:]
+    per_row = [-np.log(np.exp(lp[r]).sum()) if r.any() else 0.0
+               for lp, r in zip(log_p, m, strict=True)]
+    marginal, _ = marginal_mlm_loss(logits, labels, weights, retrieval)
+    np.testing.assert_allclose(float(aux["retriever_loss"]), np.mean(per_row), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(marginal) + np.mean(per_row), rtol=1e-5)
+    # Gradient: (p(z|x) − p(z|x, match)) / B on the retrieved; nothing where none matches.
+    grad = np.asarray(jax.grad(lambda r: realm_loss(
+        logits, labels, weights, r, retriever_loss="match", cand_match=match)[0])(retrieval))
+    p = np.exp(log_p)
+    posterior = np.where(m, p, 0) / np.maximum(np.where(m, p, 0).sum(-1, keepdims=True), 1e-30)
+    expect = np.where(m.any(-1, keepdims=True), p - posterior, 0) / len(retrieval)
+    np.testing.assert_allclose(grad[:, 1:], expect, atol=1e-6)
+    assert not grad[:, 0].any()
+    with pytest.raises(ValueError, match="cand_match"):
+        realm_loss(logits, labels, weights, retrieval, retriever_loss="match")
+
+
+def test_contains_masked_span_finds_contiguous_runs_only():
+    cands = np.array([[[0, 5, 6, 7, 0], [0, 6, 5, 7, 0], [5, 6, 0, 0, 0]]])  # [1, 3, 5]
+    positions, labels = np.array([[3, 4, 0]]), np.array([[5, 6, 0]])
+    weights = np.array([[1.0, 1.0, 0.0]])
+    assert contains_masked_span(cands, positions, labels, weights).tolist() == [
+        [True, False, True]]
+    # Masked positions with a gap (random-token masking): no span to look for.
+    assert not contains_masked_span(cands, np.array([[3, 5, 0]]), labels, weights).any()
+    assert not contains_masked_span(cands, positions, labels, 0 * weights).any()
 
 
 def test_marginal_is_the_released_loss_and_unknown_loss_is_refused():

@@ -82,7 +82,7 @@ def marginal_mlm_loss(
     return loss, aux
 
 
-RETRIEVER_LOSSES = ("marginal", "pdist")
+RETRIEVER_LOSSES = ("marginal", "pdist", "match")
 SCORE_SCALES = ("none", "inv_sqrt_d")
 
 
@@ -115,6 +115,7 @@ def realm_loss(
     variant: str = "per_token",
     retriever_loss: str = "marginal",
     teacher_temperature: float = 1.0,
+    cand_match: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """REALM pre-training loss with a choice of signal for the retriever.
 
@@ -130,10 +131,19 @@ def realm_loss(
     document, candidate 0). Its gradient Σ_z [p(z|x) − p_teacher(z)] ∇f(x,z) pushes up the
     blocks that help the encoder even when the retriever ranks them low.
 
+    "match" (ORQA's retriever loss, Lee et al. 2019, with the masked span as the answer): the
+    encoder takes the marginal with p(z|x) held fixed; the retriever is fitted by
+    −log Σ_{z ∈ match} p(z|x) over the retrieved candidates, where `cand_match` says which
+    blocks contain the masked span's wordpieces (no loss where none does). A signal that does
+    not wait for the encoder to read: the cold start's way out when the encoder's MLM head is
+    new (MiniLM ships none). Weaker on real text, where a salient span (a year, a country)
+    occurs in many blocks; on the generated KB a unique value occurs in one block only.
+
     Args:
       mlm_logits, labels, label_weights, retrieval_logits, variant: see `marginal_mlm_loss`.
       retriever_loss: "marginal" | "pdist".
       teacher_temperature: T of the pdist teacher.
+      cand_match: [B, K] bool, "match" only: whether candidate z contains the masked span.
 
     Returns:
       (loss [], aux): `marginal_mlm_loss`'s aux plus "retriever_loss" [] (the pdist KL; the
@@ -147,6 +157,12 @@ def realm_loss(
         return loss, {**aux, "retriever_loss": loss}
     fixed = jax.lax.stop_gradient(retrieval_logits)
     loss, aux = marginal_mlm_loss(mlm_logits, labels, label_weights, fixed, variant)
+    if retriever_loss == "match":
+        if cand_match is None:
+            raise ValueError('retriever_loss="match" needs cand_match')
+        retriever = jnp.mean(marginal_log_likelihood_loss(retrieval_logits[:, 1:],
+                                                          cand_match[:, 1:]))
+        return loss + retriever, {**aux, "retriever_loss": retriever}
     per_cand = candidate_log_likelihood(mlm_logits, labels, label_weights)  # [B, K]
     # Distil over the retrieved blocks only, not the null document (candidate 0): an encoder
     # that does not read yet predicts best from nothing, and a teacher that prefers the null

@@ -40,6 +40,28 @@ from realm_jax.tasks.common import (
 )
 
 
+def contains_masked_span(cand_ids: np.ndarray, positions: np.ndarray, labels: np.ndarray,
+                         weights: np.ndarray) -> np.ndarray:
+    """[B, K] bool: whether candidate block k of row b contains the row's masked wordpieces
+    as one contiguous run (the salient span, as the block spells it: WordPiece splits each
+    word alone, so a word has the same pieces wherever it is). False where the masked
+    positions are not contiguous (random-token masking has no span to look for).
+
+    cand_ids [B, K, Lb]; positions, labels, weights [B, M] (the masked wordpieces in order).
+    """
+    b, k, lb = cand_ids.shape
+    out = np.zeros((b, k), bool)
+    for row in range(b):
+        keep = weights[row] > 0
+        pos, span = positions[row][keep], labels[row][keep]
+        n = len(span)
+        if n == 0 or n > lb or not np.all(np.diff(pos) == 1):
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(cand_ids[row], n, axis=-1)
+        out[row] = (windows == span).all(-1).any(-1)  # [K]
+    return out
+
+
 class RealmMlm(Task):
     name = "realm_mlm"
 
@@ -121,6 +143,10 @@ class RealmMlm(Task):
             "mlm_positions": batch["mlm_positions"], "mlm_labels": batch["mlm_labels"],
             "mlm_weights": batch["mlm_weights"],
         }
+        inputs["cand_match"] = contains_masked_span(
+            inputs["cand_ids"], batch["mlm_positions"], batch["mlm_labels"],
+            batch["mlm_weights"])
+        inputs["cand_match"][:, 0] = False  # the null document states nothing
         return inputs
 
     def gold_candidates(self, batch, params, searcher: Searcher) -> np.ndarray:
@@ -141,7 +167,7 @@ class RealmMlm(Task):
                               ("join", (b, k, self.join_len))):
             shapes.update({f"{prefix}_{f}": (shape, i32) for f in ("ids", "mask", "types")})
         shapes.update(mlm_positions=((b, m), i32), mlm_labels=((b, m), i32),
-                      mlm_weights=((b, m), np.float32))
+                      mlm_weights=((b, m), np.float32), cand_match=((b, k), np.bool_))
         return shapes
 
     # ------------------------------------------------------------------ device side
@@ -164,7 +190,7 @@ class RealmMlm(Task):
             x["mlm_positions"], deterministic=deterministic, rngs={"dropout": r_enc})
         loss, aux = realm_loss(mlm_logits, x["mlm_labels"], x["mlm_weights"], retrieval_logits,
                                self.config.train.mlm_variant, self.retriever_loss,
-                               self.teacher_temperature)
+                               self.teacher_temperature, x["cand_match"])
         p_z = jax.nn.softmax(retrieval_logits, axis=-1)
         metrics = {
             "mlm_accuracy": aux["accuracy"],
