@@ -25,6 +25,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from realm_jax import compile_cache
 from realm_jax.errors import UserError
 
 # Exceptions whose message is all a user needs. ValueError is in: this code base raises it
@@ -124,7 +125,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
-    """`app.run(main)` the way every realm_jax command runs (module docstring)."""
+    """`app.run(main)` the way every realm_jax command runs (module docstring), with XLA's
+    persistent compilation cache on (`compile_cache`)."""
+    compile_cache.enable()
     try:
         app.run(one_line_errors(main), flags_parser=parse_flags)
     except SystemExit as e:

@@ -32,7 +32,7 @@ from typing import Any
 
 from etils import epath
 
-from realm_jax import stages
+from realm_jax import compile_cache, stages
 from realm_jax.data import loaders
 
 
@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--question", default=None, help="the question to answer at the end")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    compile_cache.enable()
     run(args.workdir, args.ablation, args.question)
 
 

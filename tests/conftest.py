@@ -4,15 +4,26 @@ XLA_FLAGS must be set before jax is first imported, so it is set here as well as
 launch/test.sh (for `pytest` run by hand).
 """
 
+import getpass
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One compilation cache for the whole run, shared by the xdist workers and the commands the
+# tests start as subprocesses (they inherit the variable): most tests compile the same tiny
+# programs. Kept between runs; `REALM_JAX_COMPILE_CACHE=off` for a run that compiles all.
+os.environ.setdefault("REALM_JAX_COMPILE_CACHE", os.path.join(
+    tempfile.gettempdir(), f"realm_jax_test_xla_{getpass.getuser()}"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from realm_jax import compile_cache  # noqa: E402
+
+compile_cache.enable()
 
 
 @pytest.fixture(scope="session")
