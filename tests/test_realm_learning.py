@@ -180,7 +180,7 @@ def test_fresh_recall_heldout_utility_and_reading_equal_direct_computation(tmp_p
 
     # Fresh recall: every block embedded now, brute-force top-5 in numpy.
     table = BlockEmbedder(config, mesh)(params["embedder"], blocks, progress=False)
-    questions, gold = task._eval_questions
+    questions, gold = task.recall.questions
     q = task.queries.embed_texts(params["embedder"], tok, questions, config.data.query_len)
     top = np.argsort(-(q @ table.T), axis=1, kind="stable")[:, :5]
     keep = gold >= 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -182,6 +183,53 @@ def fresh_searcher(config: ml_collections.ConfigDict, mesh, embedder_params: PyT
     return Searcher(version, "exact", index)
 
 
+class GoldRecall:
+    """Gold-block recall@k (`recall_ks`) of the eval split's questions, against a given index
+    (REALM's live one) or against a fresh one of given block-tower params.
+
+    Why one class: REALM and ICT both measure their retriever so; the questions are read and
+    the block embedder compiled once per task, not once per evaluation.
+    """
+
+    def __init__(self, task: Task):
+        self.task = task
+
+    @functools.cached_property
+    def questions(self) -> tuple[list[str], np.ndarray]:
+        """The eval split's questions and their gold blocks [N] (`eval_questions`)."""
+        return eval_questions(self.task.config)
+
+    def available(self) -> bool:
+        """Whether there is anything to measure: questions (the generated KB, or a QA set in
+        the config) of which some carry a gold block. Real QA sets carry none."""
+        from realm_jax.data import loaders
+
+        c = self.task.config
+        if not (loaders.is_synthetic(c) or c.data.get("qa", "")):
+            return False
+        return bool((self.questions[1] >= 0).any())
+
+    def against(self, query_params: PyTree, searcher: Searcher) -> dict[int, float]:
+        """{k: recall@k} of the questions embedded with `query_params`, searched in
+        `searcher`."""
+        t = self.task
+        questions, gold = self.questions
+        return gold_recall(t.queries, query_params, searcher, t.tokenizer, questions, gold,
+                           recall_ks(t.config), int(t.config.data.query_len))
+
+    def fresh(self, query_params: PyTree, block_params: PyTree) -> dict[int, float]:
+        """`against` an exact index of every block embedded with `block_params` now."""
+        t = self.task
+        searcher = fresh_searcher(t.config, t.mesh, block_params, t.blocks, self._embedder)
+        return self.against(query_params, searcher)
+
+    @functools.cached_property
+    def _embedder(self) -> Any:
+        from realm_jax.retrieval.refresher import BlockEmbedder
+
+        return BlockEmbedder(self.task.config, self.task.mesh)
+
+
 class Task(abc.ABC):
     """A training task: towers, host-side preparation of a batch, and a pure loss."""
 
@@ -203,6 +251,7 @@ class Task(abc.ABC):
         self.blocks = blocks
         self.tokenizer = tokenizer
         self.queries = QueryEncoder(config, mesh, batch_size=max(config.eval.batch_size, 8))
+        self.recall = GoldRecall(self)
 
     @abc.abstractmethod
     def dataset(self, seed: int) -> Any:

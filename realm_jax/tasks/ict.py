@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realm_jax.data import loaders
 from realm_jax.data.ict import ict_dataset, nonempty_blocks
 from realm_jax.data.pipeline import mesh_shard
 from realm_jax.models import Embedder
@@ -34,10 +33,6 @@ from realm_jax.retrieval.searcher import Searcher
 from realm_jax.tasks.common import (
     PyTree,
     Task,
-    eval_questions,
-    fresh_searcher,
-    gold_recall,
-    recall_ks,
 )
 
 # The score of a masked (duplicate) negative: exp() of it is 0 in float32, and unlike -inf it
@@ -80,8 +75,6 @@ class Ict(Task):
         self.block_len = int(c.data.block_len)
         self.mask_rate = float(c.ict.mask_rate)
         self.embedder = Embedder(self.cfg)
-        self._eval_qa = None
-        self._block_embedder = None  # a refresher.BlockEmbedder, compiled once
 
     @functools.cached_property
     def drawable(self) -> np.ndarray:
@@ -136,19 +129,7 @@ class Ict(Task):
         re-embedding a whole corpus to measure nothing would be waste.
         """
         del searcher, fresh
-        if not loaders.is_synthetic(self.config) and not self.config.data.get("qa", ""):
+        if not self.recall.available():
             return {}
-        if self._eval_qa is None:
-            self._eval_qa = eval_questions(self.config)
-        questions, gold = self._eval_qa
-        if not (gold >= 0).any():
-            return {}
-        if self._block_embedder is None:
-            from realm_jax.retrieval.refresher import BlockEmbedder
-
-            self._block_embedder = BlockEmbedder(self.config, self.mesh)
-        fresh = fresh_searcher(self.config, self.mesh, params["embedder"], self.blocks,
-                               embedder=self._block_embedder)
-        recall = gold_recall(self.queries, params["embedder"], fresh, self.tokenizer,
-                             questions, gold, recall_ks(self.config), self.query_len)
+        recall = self.recall.fresh(params["embedder"], params["embedder"])
         return {f"fresh_gold_recall_at_{k}": v for k, v in recall.items()}

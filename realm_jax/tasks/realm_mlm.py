@@ -31,11 +31,7 @@ from realm_jax.retrieval.searcher import Searcher, realm_candidates
 from realm_jax.tasks.common import (
     PyTree,
     Task,
-    eval_questions,
-    fresh_searcher,
-    gold_recall,
     query_tower,
-    recall_ks,
     search_host_rows,
 )
 
@@ -227,33 +223,17 @@ class RealmMlm(Task):
         """
         c = self.config.eval
         out: dict[str, float] = {}
-        if loaders.is_synthetic(self.config) or self.config.data.get("qa", ""):
-            questions, gold = self._eval_questions
-            recall = functools.partial(gold_recall, self.queries, query_tower(params),
-                                       tokenizer=self.tokenizer, questions=questions,
-                                       gold_blocks=gold, ks=recall_ks(self.config),
-                                       max_length=self.query_len)
-            live = recall(searcher=searcher)
+        if self.recall.available():
+            live = self.recall.against(query_tower(params), searcher)
             out.update({f"gold_recall_at_{k}": v for k, v in live.items()})
             if c.get("fresh_index", False):
                 # A fresh live index answers the same search again: reuse its figure.
-                current = live if fresh else recall(
-                    searcher=fresh_searcher(self.config, self.mesh, params["embedder"],
-                                            self.blocks, self._block_embedder))
+                current = live if fresh else self.recall.fresh(query_tower(params),
+                                                               params["embedder"])
                 out.update({f"fresh_gold_recall_at_{k}": v for k, v in current.items()})
         if loaders.is_synthetic(self.config):
             out.update(self.heldout_utility(params, searcher))
         return out
-
-    @functools.cached_property
-    def _eval_questions(self) -> tuple[list[str], np.ndarray]:
-        return eval_questions(self.config)
-
-    @functools.cached_property
-    def _block_embedder(self):
-        from realm_jax.retrieval.refresher import BlockEmbedder
-
-        return BlockEmbedder(self.config, self.mesh)
 
     @functools.cached_property
     def _heldout_batches(self) -> list[dict[str, Any]]:
