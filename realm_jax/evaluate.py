@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,25 +35,11 @@ from etils import epath
 from ml_collections import config_flags
 
 from realm_jax import cli
-from realm_jax.data.qa import QaSet, answer_match, normalize_answer
+from realm_jax.data.qa import QaSet, answer_match, has_answer
 from realm_jax.errors import UserError
 from realm_jax.inference import Realm
 
 log = logging.getLogger(__name__)
-
-
-def has_answer(text: str, answers: Sequence[str], is_regex: bool = False) -> bool:
-    """Whether a block's text contains one of the answers (module docstring)."""
-    if is_regex:
-        for pattern in answers:
-            try:
-                if re.search(pattern, text, flags=re.IGNORECASE | re.UNICODE):
-                    return True
-            except re.error:
-                continue
-        return False
-    body = f" {normalize_answer(text)} "
-    return any(a and f" {a} " in body for a in (normalize_answer(x) for x in answers))
 
 
 def evaluate(

@@ -153,3 +153,14 @@ def test_tfds_natural_questions_open_path(tmp_path):
     config.data.tfds_data_dir = str(tmp_path / "elsewhere")
     with pytest.raises(FileNotFoundError, match="elsewhere"):
         load_qa_split(config, "validation")
+
+
+def test_answers_in_gives_the_text_each_answer_bears():
+    text = "In 1859 Charles Darwin published On the Origin of Species; Darwin's rival: Wallace."
+    assert qa.answers_in(text, ["charles darwin", "The origin of species", "1860", "darwi"]) == [
+        "charles darwin", "The origin of species"]
+    # Patterns: the substrings they match (raw text, any case), each once, in pattern order.
+    assert qa.answers_in(text, [r"darwin", r"\d{4}", r"(unclosed", r"x*"], is_regex=True) == [
+        "Darwin", "1859"]
+    assert qa.has_answer(text, [r"wall\w+"], is_regex=True)
+    assert not qa.has_answer(text, [r"^Darwin"], is_regex=True) and not qa.has_answer(text, [])

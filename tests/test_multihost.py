@@ -26,12 +26,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from etils import epath
 from grain.sharding import ShardOptions
 
 from realm_jax import checkpoints, defaults, initialize, optim, sharding
 from realm_jax.data import pipeline
-from realm_jax.data.joins import tokenize_corpus
 from realm_jax.data.loaders import (
     load_corpus,
     load_pretrain_sentences,
@@ -39,10 +37,9 @@ from realm_jax.data.loaders import (
     load_tokenizer,
 )
 from realm_jax.inference import Realm
-from realm_jax.retrieval import mips, store
-from realm_jax.retrieval.searcher import Searcher
-from realm_jax.tasks import make_task
+from realm_jax.retrieval import store
 from realm_jax.tasks.common import QueryEncoder
+from realm_jax.testing.tasks import task_with_random_index
 from realm_jax.train import init_state, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,12 +123,7 @@ def test_prepare_builds_the_abstract_inputs(task_name, tmp_path, eight_devices):
     """What benchmarks/aot.py compiles for (`Task.abstract_inputs`) is what training feeds."""
     config = tiny(task=task_name)
     mesh = sharding.make_mesh(dict(config.mesh), eight_devices)
-    tok, corpus = load_tokenizer(config), load_corpus(config)
-    task = make_task(config, mesh, corpus, tokenize_corpus(corpus, tok), tok)
-    params, _ = initialize.init_towers(defaults.model_config(config), task.towers, mesh)
-    table = np.random.default_rng(0).normal(size=(len(corpus), 16)).astype(np.float32)
-    version = store.IndexVersion(0, table, {}, epath.Path(tmp_path))
-    searcher = Searcher(version, "exact", mips.ExactIndex.build(table, mesh))
+    task, params, searcher = task_with_random_index(config, mesh, str(tmp_path))
     inputs, _ = task.prepare(next(iter(task.dataset(0))), params, searcher)
     abstract = task.abstract_inputs(config.train.batch_size)
     assert {k: (v.shape, np.dtype(v.dtype)) for k, v in inputs.items()} == \

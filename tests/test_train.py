@@ -3,6 +3,7 @@ kill, index swaps picked up, NaN stops the run; plus the optimiser and candidate
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +58,40 @@ def test_no_weight_decay_on_layer_norm_and_bias():
     assert float(np.abs(updates["kernel"]).max()) > 0.1  # zero gradient: decay alone
     assert float(np.abs(updates["bias"]).max()) == 0
     assert float(np.abs(updates["LayerNorm"]["scale"]).max()) == 0
+
+
+def test_orqa_targets_follow_regex_answers(tmp_path, eight_devices, monkeypatch):
+    """CuratedTrec: a regular-expression answer marks the retrieved blocks whose text it
+    matches, and its spans there, as the literal answer it matches does (it used to be
+    tokenised as if it were answer text, and marked nothing)."""
+    from realm_jax import sharding
+    from realm_jax.testing.tasks import task_with_random_index
+
+    config = tiny(task="orqa")
+    mesh = sharding.make_mesh(dict(config.mesh), eight_devices)
+    task, params, searcher = task_with_random_index(config, mesh, str(tmp_path))
+    batch = next(iter(task.dataset(0)))
+    assert batch["is_regex"] is False
+    # The search returns each question's gold block first, so there are answers to find.
+    from realm_jax.tasks import orqa
+
+    def search(searcher, q, s):
+        ids = [[g, *[b for b in range(s) if b != g][: s - 1]] for g in batch["gold_blocks"]]
+        return np.array(ids), None
+
+    monkeypatch.setattr(orqa, "search_host_rows", search)
+    # Each answer as a pattern whose own text is not the answer: its first letter a class.
+    patterns = [[f"[{a[0].lower()}{a[0].upper()}]{re.escape(a[1:])}" for a in row]
+                for row in batch["answers"]]
+    literal, _ = task.prepare(batch, params, searcher)
+    regex, _ = task.prepare({**batch, "answers": patterns, "is_regex": True}, params, searcher)
+    assert literal["retrieval_correct"].any() and (literal["gold_starts"] >= 0).any()
+    for key in ("retrieval_correct", "gold_starts", "gold_ends"):
+        np.testing.assert_array_equal(regex[key], literal[key], err_msg=key)
+    # A pattern that matches nothing marks nothing.
+    none, _ = task.prepare({**batch, "answers": [["zzqx\\d{9}"]] * len(patterns),
+                            "is_regex": True}, params, searcher)
+    assert not none["retrieval_correct"].any() and (none["gold_starts"] < 0).all()
 
 
 def test_realm_candidates_drop_trivial_and_prepend_null():

@@ -66,6 +66,34 @@ def answer_match(prediction: str, answers: Sequence[str], is_regex: bool = False
     return regex_match(prediction, answers) if is_regex else exact_match(prediction, answers)
 
 
+def answers_in(text: str, answers: Sequence[str], is_regex: bool = False) -> list[str]:
+    """The answers a block's text bears, as strings found in it (ORQA's "has answer").
+
+    Literal answers: each answer whose normalised form occurs in the normalised text as whole
+    words (returned as given). Regular expressions (CuratedTrec): the non-empty substrings of
+    the raw text that a pattern `re.search`es (case-insensitive), in order, each once; a pattern
+    that does not compile matches nothing. Why strings: training locates an answer by its
+    wordpieces, so a pattern must first become the text it matched in this block.
+    """
+    if is_regex:
+        found: list[str] = []
+        for pattern in answers:
+            try:
+                matches = re.finditer(pattern, text, flags=re.IGNORECASE | re.UNICODE)
+                found += [m.group(0).strip() for m in matches if m.group(0).strip()]
+            except re.error:
+                continue
+        return list(dict.fromkeys(found))
+    body = f" {normalize_answer(text)} "
+    return [a for a in answers if (n := normalize_answer(a)) and f" {n} " in body]
+
+
+def has_answer(text: str, answers: Sequence[str], is_regex: bool = False) -> bool:
+    """Whether a block's text bears one of the answers (`answers_in`): evaluation's recall@k
+    and training's retriever targets."""
+    return bool(answers_in(text, answers, is_regex))
+
+
 # --------------------------------------------------------------------------- records
 
 

@@ -2,8 +2,9 @@
 
 Per batch of questions:
   host:   embed the questions with the current query tower → search the frozen index for the
-          top S = searcher_beam_size blocks; mark which contain an answer string; join each
-          question with its top R = reader_beam_size blocks and locate the answer spans;
+          top S = searcher_beam_size blocks; mark which contain an answer string (a regular
+          expression answer: the text it matches in them); join each question with its top
+          R = reader_beam_size blocks and locate the answer spans;
   device: re-embed the questions (trainable), score them against the S frozen block embeddings
           (the retriever's logits), read the top R with the span reader, and take ORQA's loss
           (retriever and reader marginal log-likelihoods).
@@ -22,6 +23,7 @@ import numpy as np
 from realm_jax.data import loaders
 from realm_jax.data.joins import answer_spans, blocks_with_answer, join_reader
 from realm_jax.data.pipeline import mesh_shard, qa_dataset
+from realm_jax.data.qa import answers_in
 from realm_jax.models import Embedder, SpanReader
 from realm_jax.models.losses import orqa_loss
 from realm_jax.models.reader import correct_spans, orqa_logits, span_candidates
@@ -62,7 +64,10 @@ class Orqa(Task):
         q = self.queries.embed_host_rows(params["query_embedder"], batch["question_ids"],
                                          batch["question_mask"], batch["question_types"])
         ids, _ = search_host_rows(searcher, q, s)  # [B, S], best first
-        answer_ids = [self.tokenizer.tokenize(a) for a in batch["answers"]]
+        answers = batch["answers"]
+        if batch.get("is_regex", False):
+            answers = [self.matched_strings(p, row) for p, row in zip(answers, ids, strict=True)]
+        answer_ids = [self.tokenizer.tokenize(a) for a in answers]
         retrieval_correct = blocks_with_answer(self.blocks, ids, answer_ids)  # [B, S]
         reader = join_reader(batch["question_ids"], batch["question_len"], self.blocks,
                              ids[:, :r], self.reader_len)
@@ -80,6 +85,14 @@ class Orqa(Task):
         host = {f"answer_recall_at_{s}": float(retrieval_correct.any(-1).mean()),
                 f"answer_recall_at_{r}": float(retrieval_correct[:, :r].any(-1).mean())}
         return inputs, host
+
+    def matched_strings(self, patterns: list[str], block_ids: np.ndarray) -> list[str]:
+        """The text that regular-expression answers (CuratedTrec) match in the bodies of these
+        blocks (`qa.answers_in`): what the retriever's targets and the reader's gold spans
+        then look for, as for literal answers."""
+        found = [m for b in block_ids if b >= 0
+                 for m in answers_in(self.corpus[int(b)]["text"], patterns, is_regex=True)]
+        return list(dict.fromkeys(found))
 
     def input_shapes(self, batch_size: int):
         """Assumes at least `searcher_beam_size` blocks (`prepare` clips S to the index)."""
