@@ -36,8 +36,11 @@ Why these choices (README "REALM that learns" has the measurements, one seed):
     p(z|x) over MiniLM's unnormalised mean-pooled vectors is not one-hot (p_top ≈ 0.5), so
     no score scaling is needed here (`realm.score_scale` is there for 128-d LayerNorm'd ones:
     the scratch start uses it);
-  * the reading warm start at lr 3e-4 rather than 1e-3: with 1e-3 the encoder, and the ORQA
-    reader initialised from it, were worse (held-out utility −0.096 vs −0.014 at REALM's start);
+  * the reading warm start is short (50 steps at lr 3e-4) and does not make the encoder read:
+    at REALM's start the gold block gains it ~0 nats/token and the pdist teacher ranks it
+    first at about chance. 300 steps at lr 1e-3 do (1.28 nats/token, 0.77), but cost ~9.5
+    minutes and, measured, did not make REALM's retriever better (README "an encoder that
+    reads");
   * ORQA's reader is MiniLM's own encoder, the retriever the pre-trained one
     (`stages.Pipeline.reader="start"`, Table 2's "REALM retriever + baseline encoder"): the
     reading warm start cost the reader ~0.1 EM (0.427 vs 0.523 on 600 people, 60 ORQA steps);
