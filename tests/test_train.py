@@ -71,7 +71,7 @@ def test_orqa_targets_follow_regex_answers(tmp_path, eight_devices, monkeypatch)
     mesh = sharding.make_mesh(dict(config.mesh), eight_devices)
     task, params, searcher = task_with_random_index(config, mesh, str(tmp_path))
     batch = next(iter(task.dataset(0)))
-    assert batch["is_regex"] is False
+    assert not batch["is_regex"].any()
     # The search returns each question's gold block first, so there are answers to find.
     from realm_jax.tasks import orqa
 
@@ -84,13 +84,15 @@ def test_orqa_targets_follow_regex_answers(tmp_path, eight_devices, monkeypatch)
     patterns = [[f"[{a[0].lower()}{a[0].upper()}]{re.escape(a[1:])}" for a in row]
                 for row in batch["answers"]]
     literal, _ = task.prepare(batch, params, searcher)
-    regex, _ = task.prepare({**batch, "answers": patterns, "is_regex": True}, params, searcher)
+    regex_rows = np.ones(len(patterns), bool)
+    regex, _ = task.prepare({**batch, "answers": patterns, "is_regex": regex_rows}, params,
+                            searcher)
     assert literal["retrieval_correct"].any() and (literal["gold_starts"] >= 0).any()
     for key in ("retrieval_correct", "gold_starts", "gold_ends"):
         np.testing.assert_array_equal(regex[key], literal[key], err_msg=key)
     # A pattern that matches nothing marks nothing.
     none, _ = task.prepare({**batch, "answers": [["zzqx\\d{9}"]] * len(patterns),
-                            "is_regex": True}, params, searcher)
+                            "is_regex": regex_rows}, params, searcher)
     assert not none["retrieval_correct"].any() and (none["gold_starts"] < 0).all()
 
 

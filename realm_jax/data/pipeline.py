@@ -33,8 +33,8 @@ Pre-training batch (B = per-host batch, Lq = query_len, M = max_masks):
 QA batch:
   question_ids, question_mask, question_types [B, Lq] int32; question_len [B] int32;
   gold_blocks [B] int32; weights [B] float32 (0 = padding row); index [B] int64;
-  truncated [B] bool; answers list[list[str]], is_regex bool (the answers are regular
-  expressions: CuratedTrec) and questions list[str] (host only).
+  truncated [B] bool; is_regex [B] bool (the row's answers are regular expressions:
+  CuratedTrec); answers list[list[str]] and questions list[str] (host only).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class QaBatcher:
             "weights": real.astype(np.float32), "index": indices,
             "truncated": enc.truncated & real,
             "answers": [list(r["answers"]) for r in rows],
-            "is_regex": bool(getattr(self.source, "is_regex", False)),
+            "is_regex": np.full(len(rows), bool(getattr(self.source, "is_regex", False))),
             "questions": [r["question"] for r in rows],
         }
 

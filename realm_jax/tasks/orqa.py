@@ -64,9 +64,9 @@ class Orqa(Task):
         q = self.queries.embed_host_rows(params["query_embedder"], batch["question_ids"],
                                          batch["question_mask"], batch["question_types"])
         ids, _ = search_host_rows(searcher, q, s)  # [B, S], best first
-        answers = batch["answers"]
-        if batch.get("is_regex", False):
-            answers = [self.matched_strings(p, row) for p, row in zip(answers, ids, strict=True)]
+        regex = batch.get("is_regex", np.zeros(len(ids), bool))
+        answers = [self.matched_strings(a, row) if rx else a
+                   for a, row, rx in zip(batch["answers"], ids, regex, strict=True)]
         answer_ids = [self.tokenizer.tokenize(a) for a in answers]
         retrieval_correct = blocks_with_answer(self.blocks, ids, answer_ids)  # [B, S]
         reader = join_reader(batch["question_ids"], batch["question_len"], self.blocks,
