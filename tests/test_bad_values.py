@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from realm_jax import defaults, sharding
+from realm_jax.data.loaders import load_pretrain_sentences
+from realm_jax.errors import UserError
 from realm_jax.evaluate import check_counts
 from realm_jax.tasks.realm_mlm import RealmMlm
 from realm_jax.train import check_config, train
@@ -73,3 +75,18 @@ def test_realm_k_larger_than_the_corpus_names_both(eight_devices):
         RealmMlm(config, mesh, corpus, None, None)
     RealmMlm(config, mesh, list(range(6)), None, None)
     RealmMlm(config, mesh, None, None, None)  # ahead-of-time compilation: no corpus to check
+
+
+def test_corpus_sentences_without_salient_spans_say_why():
+    class Blocks(list):  # the BlockCorpus methods corpus_sentences reads
+        def get_many(self, ids):
+            return [self[i] for i in ids]
+
+    config = defaults.load_config(os.path.join(REPO, "configs/tiny.py"),
+                                  {"data.sentences": "corpus"})
+    flat = Blocks([{"title": "t", "text": "all lower case words here. and more of them."}] * 3)
+    with pytest.raises(UserError, match=r"data.sentences=corpus: none of the \d+ sentences of "
+                                        r"the 3 blocks has a salient span"):
+        load_pretrain_sentences(config, flat)
+    named = Blocks([{"title": "t", "text": "Darwin was born in 1809."}])
+    assert len(load_pretrain_sentences(config, named)) == 1

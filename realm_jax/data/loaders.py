@@ -28,7 +28,9 @@ from realm_jax.data import synthetic
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.examples import Sentences, corpus_sentences, jsonl_sentences, load_sentences
 from realm_jax.data.qa import QaSet, load_qa
+from realm_jax.data.sources import ReadStats
 from realm_jax.data.tokenizer import WordPiece
+from realm_jax.errors import UserError
 
 
 def _minilm_vocab() -> epath.Path:
@@ -89,7 +91,16 @@ def load_pretrain_sentences(
         splits = tuple(config.data.synthetic.get("pretrain_splits", synthetic.SPLITS))
         return load_synthetic(config).sentences(splits)
     if spec == "corpus":
-        return Sentences.from_records(corpus_sentences(corpus or load_corpus(config)))
+        corpus = corpus or load_corpus(config)
+        stats = ReadStats()
+        sentences = Sentences.from_records(corpus_sentences(corpus, stats=stats))
+        if not len(sentences):
+            raise UserError(
+                f"data.sentences=corpus: none of the {stats['sentences']} sentences of the "
+                f"{len(corpus)} blocks has a salient span the regex tagger finds (a capitalised "
+                "name, a date or a number), so there is nothing to mask: precompute spans into "
+                "a JSONL file for data.sentences")
+        return sentences
     if str(spec).endswith(".jsonl"):
         return Sentences.from_records(jsonl_sentences(spec))
     return load_sentences(spec)
