@@ -14,9 +14,12 @@ refresher) take a file lock.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
+
+log = logging.getLogger(__name__)
 
 ENV = "REALM_JAX_COMPILE_CACHE"
 DEFAULT_DIR = os.path.join("~", ".cache", "realm_jax", "xla")
@@ -34,11 +37,21 @@ def directory() -> str | None:
 def enable(path: str | None = None) -> str | None:
     """Turn jax's persistent compilation cache on in `path` (default: `directory()`).
 
-    Returns the directory, or None if the environment turned the cache off. Call it before the
-    first compilation: jax reads the setting when it first compiles.
+    Returns the directory, or None if the environment turned the cache off or the directory
+    cannot be written (logged once). Call it before the first compilation: jax reads the
+    setting when it first compiles.
     """
     path = path or directory()
     if path is None:
+        return None
+    try:  # an unusable directory would cost a warning per compilation: say it once, go on
+        os.makedirs(path, exist_ok=True)
+        usable = os.access(path, os.W_OK)
+    except OSError:
+        usable = False
+    if not usable:
+        log.warning("compilation cache off: cannot write to %s (set %s to another directory, "
+                    "or to off)", path, ENV)
         return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)

@@ -41,3 +41,11 @@ def test_a_compiled_program_lands_in_the_cache_and_off_turns_it_off(tmp_path):
     assert run(str(on))[0] == str(on)
     assert any(name.endswith("-cache") for name in os.listdir(on))
     assert run("off")[0] == "None"
+
+
+def test_a_directory_that_cannot_be_made_turns_the_cache_off(tmp_path, caplog):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with caplog.at_level("WARNING", logger="realm_jax.compile_cache"):
+        assert compile_cache.enable(str(blocker / "cache")) is None
+    assert "compilation cache off: cannot write to" in caplog.text
