@@ -15,7 +15,7 @@ from realm_jax.data.loaders import load_corpus, load_tokenizer
 from realm_jax.models.losses import marginal_mlm_loss, realm_loss, score_scale
 from realm_jax.retrieval.refresher import BlockEmbedder
 from realm_jax.tasks import make_task
-from realm_jax.tasks.realm_mlm import contains_masked_span
+from realm_jax.tasks.realm_mlm import masked_spans
 from realm_jax.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,15 +104,13 @@ def test_match_loss_and_gradient_match_numpy():
         realm_loss(logits, labels, weights, retrieval, retriever_loss="match")
 
 
-def test_contains_masked_span_finds_contiguous_runs_only():
-    cands = np.array([[[0, 5, 6, 7, 0], [0, 6, 5, 7, 0], [5, 6, 0, 0, 0]]])  # [1, 3, 5]
+def test_masked_spans_are_contiguous_runs_only():
     positions, labels = np.array([[3, 4, 0]]), np.array([[5, 6, 0]])
     weights = np.array([[1.0, 1.0, 0.0]])
-    assert contains_masked_span(cands, positions, labels, weights).tolist() == [
-        [True, False, True]]
+    assert masked_spans(positions, labels, weights) == [[[5, 6]]]
     # Masked positions with a gap (random-token masking): no span to look for.
-    assert not contains_masked_span(cands, np.array([[3, 5, 0]]), labels, weights).any()
-    assert not contains_masked_span(cands, positions, labels, 0 * weights).any()
+    assert masked_spans(np.array([[3, 5, 0]]), labels, weights) == [[]]
+    assert masked_spans(positions, labels, 0 * weights) == [[]]
 
 
 def test_marginal_is_the_released_loss_and_unknown_loss_is_refused():
@@ -204,7 +202,7 @@ def test_fresh_recall_heldout_utility_and_reading_equal_direct_computation(tmp_p
         return np.take_along_axis(logp, np.broadcast_to(
             x["mlm_labels"][:, None, :, None], logp.shape[:-1] + (1,)), -1)[..., 0]
 
-    utilities, gains, firsts = [], [], []
+    utilities, gains, firsts, matched_gold = [], [], [], []
     for batch in task._heldout_batches:
         x, _ = task.prepare(batch, params, live.searcher)
         emb = lambda ids, mask, types: np.asarray(Embedder(cfg).apply(  # noqa: E731
@@ -219,17 +217,27 @@ def test_fresh_recall_heldout_utility_and_reading_equal_direct_computation(tmp_p
 
         # Reading: the gold block second, the retrieved others after it, none twice.
         gold = batch["gold_blocks"]
-        cands = task.gold_candidates(batch, params, live.searcher)
+        cands = task.gold_candidates(task.candidates(batch, params, live.searcher), gold)
         assert (gold >= 0).all() and (cands[:, 1] == gold).all() and (cands[:, 0] == -1).all()
         assert not (cands[:, 2:] == gold[:, None]).any()
-        ll = (token_lp(task.inputs(batch, cands)) * w[:, None]).sum(-1) / np.maximum(
+        with_gold = task.inputs(batch, cands)
+        ll = (token_lp(with_gold) * w[:, None]).sum(-1) / np.maximum(
             w.sum(-1), 1)[:, None]  # [B, K]
+        # match's targets: the candidates whose body holds the masked span (never the null).
+        for row, span in enumerate(x["mlm_labels"][i][w[i] > 0].tolist() for i in range(len(w))):
+            for z, block in enumerate(cands[row]):
+                body = blocks.bodies.gather(np.array([block]), 10_000)[0][0].tolist()
+                holds = block >= 0 and any(body[i:i + len(span)] == span
+                                           for i in range(len(body) - len(span) + 1))
+                assert bool(with_gold["cand_match"][row, z]) == holds, (row, z)
+        matched_gold.extend(with_gold["cand_match"][:, 1])
         gains.extend(ll[:, 1] - ll[:, 0])
         firsts.extend(ll[:, 1] > ll[:, 2:].max(-1))
     live.close()
     assert final["heldout_retrieval_utility"] == pytest.approx(np.mean(utilities), abs=1e-4)
     assert final["heldout_gold_gain"] == pytest.approx(np.mean(gains), abs=1e-4)
     assert final["heldout_teacher_gold_first"] == pytest.approx(np.mean(firsts))
+    assert any(matched_gold)  # the gold block holds the masked fact: something to match
 
 
 def test_realm_config_keys_reach_the_loss(eight_devices):

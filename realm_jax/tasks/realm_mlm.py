@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from realm_jax.data import loaders
-from realm_jax.data.joins import join_mlm
+from realm_jax.data.joins import blocks_with_answer, join_mlm
 from realm_jax.data.pipeline import PretrainBatcher, mesh_shard, pretrain_dataset, to_global
 from realm_jax.models import Embedder, KnowledgeAugEncoder
 from realm_jax.models.embedder import relevance_scores
@@ -36,25 +36,20 @@ from realm_jax.tasks.common import (
 )
 
 
-def contains_masked_span(cand_ids: np.ndarray, positions: np.ndarray, labels: np.ndarray,
-                         weights: np.ndarray) -> np.ndarray:
-    """[B, K] bool: whether candidate block k of row b contains the row's masked wordpieces
-    as one contiguous run (the salient span, as the block spells it: WordPiece splits each
-    word alone, so a word has the same pieces wherever it is). False where the masked
-    positions are not contiguous (random-token masking has no span to look for).
+def masked_spans(positions: np.ndarray, labels: np.ndarray, weights: np.ndarray
+                 ) -> list[list[list[int]]]:
+    """Per row, [its masked wordpieces] when they are one contiguous run (the salient span),
+    else [] (random-token masking has no span to look for): the "answer" of the `match`
+    retriever loss, looked for in each candidate's body by `joins.blocks_with_answer` (the
+    body is what the encoder reads of a block: REALM's join has no title).
 
-    cand_ids [B, K, Lb]; positions, labels, weights [B, M] (the masked wordpieces in order).
+    positions, labels, weights: [B, M], the masked wordpieces in order.
     """
-    b, k, lb = cand_ids.shape
-    out = np.zeros((b, k), bool)
-    for row in range(b):
-        keep = weights[row] > 0
-        pos, span = positions[row][keep], labels[row][keep]
-        n = len(span)
-        if n == 0 or n > lb or not np.all(np.diff(pos) == 1):
-            continue
-        windows = np.lib.stride_tricks.sliding_window_view(cand_ids[row], n, axis=-1)
-        out[row] = (windows == span).all(-1).any(-1)  # [K]
+    out: list[list[list[int]]] = []
+    for pos, lab, w in zip(positions, labels, weights, strict=True):
+        keep = w > 0
+        contiguous = keep.any() and bool(np.all(np.diff(pos[keep]) == 1))
+        out.append([lab[keep].tolist()] if contiguous else [])
     return out
 
 
@@ -139,17 +134,15 @@ class RealmMlm(Task):
             "mlm_positions": batch["mlm_positions"], "mlm_labels": batch["mlm_labels"],
             "mlm_weights": batch["mlm_weights"],
         }
-        inputs["cand_match"] = contains_masked_span(
-            inputs["cand_ids"], batch["mlm_positions"], batch["mlm_labels"],
-            batch["mlm_weights"])
-        inputs["cand_match"][:, 0] = False  # the null document states nothing
+        # The null document (and null padding) has no body, so it never matches.
+        inputs["cand_match"] = blocks_with_answer(self.blocks, cands, masked_spans(
+            batch["mlm_positions"], batch["mlm_labels"], batch["mlm_weights"]))
         return inputs
 
-    def gold_candidates(self, batch, params, searcher: Searcher) -> np.ndarray:
-        """[B, K]: `candidates` with the gold block second, after the null document, and the
-        retrieved others after it (rows without a gold block, −1, as retrieved)."""
-        cands = self.candidates(batch, params, searcher)
-        gold = batch["gold_blocks"]
+    def gold_candidates(self, cands: np.ndarray, gold: np.ndarray) -> np.ndarray:
+        """[B, K]: `candidates` [B, K] with the gold block [B] second, after the null document,
+        and the retrieved others after it (rows without a gold block, −1, as retrieved)."""
+        cands = cands.copy()
         for row, g in zip(cands, gold, strict=True):
             if g >= 0:
                 others = [c for c in row[1:] if c != g]
@@ -286,12 +279,13 @@ class RealmMlm(Task):
         gain = first = rows = 0.0
         batches = self._heldout_batches
         for batch in batches:
-            inputs, _ = self.prepare(batch, params, searcher)
+            cands = self.candidates(batch, params, searcher)  # one search for both measures
+            inputs = self.inputs(batch, cands)
             metrics = jax.device_get(self._eval_step(params, to_global(inputs, self.mesh,
                                                                        self.rules)))
             for k in ("retrieval_utility", "mlm_accuracy"):
                 sums[k] = sums.get(k, 0.0) + float(metrics[k]) / len(batches)
-            gold = self.inputs(batch, self.gold_candidates(batch, params, searcher))
+            gold = self.inputs(batch, self.gold_candidates(cands, batch["gold_blocks"]))
             gold["has_gold"] = (batch["gold_blocks"] >= 0).astype(np.float32)
             g, f, n = jax.device_get(self._reading_step(
                 params, to_global(gold, self.mesh, self.rules)))
