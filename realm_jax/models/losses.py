@@ -134,16 +134,16 @@ def realm_loss(
     "match" (ORQA's retriever loss, Lee et al. 2019, with the masked span as the answer): the
     encoder takes the marginal with p(z|x) held fixed; the retriever is fitted by
     −log Σ_{z ∈ match} p(z|x) over the retrieved candidates, where `cand_match` says which
-    blocks contain the masked span's wordpieces (no loss where none does). A signal that does
+    blocks hold the masked span's wordpieces in their body (no loss where none does). A signal that does
     not wait for the encoder to read: the cold start's way out when the encoder's MLM head is
     new (MiniLM ships none). Weaker on real text, where a salient span (a year, a country)
     occurs in many blocks; on the generated KB a unique value occurs in one block only.
 
     Args:
       mlm_logits, labels, label_weights, retrieval_logits, variant: see `marginal_mlm_loss`.
-      retriever_loss: "marginal" | "pdist".
+      retriever_loss: "marginal" | "pdist" | "match".
       teacher_temperature: T of the pdist teacher.
-      cand_match: [B, K] bool, "match" only: whether candidate z contains the masked span.
+      cand_match: [B, K] bool, "match" only: whether candidate z's body holds the masked span.
 
     Returns:
       (loss [], aux): `marginal_mlm_loss`'s aux plus "retriever_loss" [] (the pdist KL; the
