@@ -134,10 +134,11 @@ def realm_loss(
     "match" (ORQA's retriever loss, Lee et al. 2019, with the masked span as the answer): the
     encoder takes the marginal with p(z|x) held fixed; the retriever is fitted by
     −log Σ_{z ∈ match} p(z|x) over the retrieved candidates, where `cand_match` says which
-    blocks hold the masked span's wordpieces in their body (no loss where none does). A signal that does
-    not wait for the encoder to read: the cold start's way out when the encoder's MLM head is
-    new (MiniLM ships none). Weaker on real text, where a salient span (a year, a country)
-    occurs in many blocks; on the generated KB a unique value occurs in one block only.
+    blocks hold the masked span's wordpieces in their body (no loss where none does). A
+    signal that does not wait for the encoder to read: the cold start's way out when the
+    encoder's MLM head is new (MiniLM ships none). Weaker on real text, where a salient span
+    (a year, a country) occurs in many blocks; on the generated KB a unique value occurs in
+    one block only.
 
     Args:
       mlm_logits, labels, label_weights, retrieval_logits, variant: see `marginal_mlm_loss`.
