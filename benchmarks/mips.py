@@ -43,11 +43,12 @@ recall) at the ScaNN point's recall; outside a frontier's measured range the val
 bound, and the comparison is "undetermined" when the bound does not decide. The nearest
 measured FAISS points are reported too.
 
-Refresher (skip with `--skip-refresher`): documents/s of `BlockEmbedder` with a MiniLM config
-(preset minilm_l6_h384, mean pooling, init "minilm", batch 32, 128-wordpiece blocks) MEASURED
-on `--refresh-sample` generated blocks (compile excluded), the time to embed 100k blocks
-EXTRAPOLATED from it, and `publish_index` (engine scann and exact) MEASURED on 100k rows of the
-benchmark table (ScaNN build + save + sha256 + fsync + rename).
+Refresher (skip with `--skip-refresher`): documents/s of the block runner
+(`embedding.EmbedRunner`) with a MiniLM config (preset minilm_l6_h384, mean pooling, init
+"minilm", batch 32, 128-wordpiece blocks) MEASURED on `--refresh-sample` generated blocks
+(compile excluded), the time to embed 100k blocks EXTRAPOLATED from it, and `publish_index`
+(engine scann and exact) MEASURED on 100k rows of the benchmark table (ScaNN build + save +
+sha256 + fsync + rename).
 
 Output: a table on stdout, JSON (`--out`, default benchmarks/results/mips.json) and a
 recall-vs-QPS plot (`--plot`, default benchmarks/results/mips_recall_qps.png; log QPS on y,
@@ -269,13 +270,14 @@ def minilm_config(block_len: int, batch_size: int = 32) -> Any:
 
 
 def minilm_embedder(config: Any) -> tuple[Any, Any, Any, float]:
-    """(BlockEmbedder, tokenizer, embedder params, seconds to load MiniLM and build them)."""
+    """(block runner, tokenizer, embedder params, seconds to load MiniLM and build them)."""
     from realm_jax import initialize, sharding
-    from realm_jax.retrieval.refresher import BlockEmbedder, load_tokenizer
+    from realm_jax.embedding import block_runner
+    from realm_jax.retrieval.refresher import load_tokenizer
 
     t0 = time.perf_counter()
     mesh = sharding.make_mesh(dict(config.mesh))
-    embedder = BlockEmbedder(config, mesh)
+    embedder = block_runner(config, mesh)
     params, _ = initialize.initial_params(config, ["embedder"], mesh)
     return embedder, load_tokenizer(config), params["embedder"], time.perf_counter() - t0
 
@@ -283,7 +285,7 @@ def minilm_embedder(config: Any) -> tuple[Any, Any, Any, float]:
 def embed_blocks(
     embedder: Any, tok: Any, params: Any, blocks: list[dict[str, str]], progress: bool = False
 ) -> tuple[Array, float]:
-    """`BlockEmbedder` over `{title, text}` blocks → (embeddings, seconds spent pre-tokenising).
+    """The block runner over `{title, text}` blocks → (embeddings, seconds spent pre-tokenising).
 
     The blocks are tokenised once up front (`TokenizedBlocks`), as the refresher does for its
     whole corpus; that time is reported separately.
@@ -294,7 +296,7 @@ def embed_blocks(
     tokenized = TokenizedBlocks.from_lists(tok.tokenize([b["title"] for b in blocks]),
                                            tok.tokenize([b["text"] for b in blocks]), tok)
     tokenize_s = time.perf_counter() - t0
-    return embedder(params, tokenized, progress=progress), tokenize_s
+    return embedder.embed_blocks(params, tokenized, console=progress), tokenize_s
 
 
 def real_text_data(args: argparse.Namespace) -> tuple[Array, Array, dict[str, Any]]:

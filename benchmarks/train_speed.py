@@ -315,7 +315,7 @@ def run_case(size: str, task_name: str, args: argparse.Namespace, root: str) -> 
     train_step = train.make_train_step(task, optimizer, shard_of(params), shard_of(opt_state))
     clock = PhaseClock()
     # Whichever the task's prepare calls (embed_host_rows: training batches, multi-host aware).
-    clock.instrument(task.queries, ("embed_host_rows", "embed_ids"), "q_embed")
+    clock.instrument(task.queries, ("embed_host_rows", "embed"), "q_embed")
     clock.instrument(searcher, ("search",), "search")
     data = iter(task.dataset(c.seed))
 

@@ -17,6 +17,8 @@ from etils import epath
 from realm_jax import sharding
 from realm_jax.models.config import RealmModelConfig
 
+LENGTH_BUCKETS = 4  # data.length_buckets; also for configs saved before the key existed
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -58,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
         synthetic=dict(num_entities=1000, seed=0, pretrain_splits=("train", "dev", "test")),
         query_len=96, block_len=288, reader_len=320, max_masks=10,
         masking="salient",  # "salient" | "random_token" | "random_span"
+        # Questions and blocks to embed are sorted by length and each batch padded to its
+        # longest, rounded up to one of this many equal steps of query_len / block_len
+        # (embedding.EmbedRunner: padding is compute; each step is one more compilation).
+        length_buckets=LENGTH_BUCKETS,
     ))
 
     # Retrieval: k candidates including the null document; `extra` more are fetched so the

@@ -43,18 +43,18 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from realm_jax import checkpoints, defaults, initialize, multihost, restore, sharding
+from realm_jax import defaults, embedding, initialize, model_dir, multihost, sharding
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.joins import ReaderInputs, TokenizedBlocks, join_reader, tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
 from realm_jax.data.tokenizer import Encoded, WordPiece
-from realm_jax.models import Embedder, RealmModelConfig, SpanReader, orqa_logits, span_candidates
+from realm_jax.models import RealmModelConfig, SpanReader, orqa_logits, span_candidates
 from realm_jax.retrieval import store
 from realm_jax.retrieval.searcher import Searcher, open_searcher
 
 log = logging.getLogger(__name__)
 PyTree = Any
-QUERY_TOWERS = ("query_embedder", "embedder")  # the query tower: the first one present
+QUERY_TOWERS = model_dir.QUERY_TOWERS
 TOKENIZED_CACHE = "tokenized"  # WORKDIR/tokenized/: the corpus's wordpieces, memory-mapped
 # A span whose joint logit is below this was masked out (no block had a readable body).
 _MASKED = -1e30
@@ -150,12 +150,10 @@ def check_question(question: Any, where: str = "question") -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _device_fns(cfg: RealmModelConfig, mesh, rules) -> tuple[Any, Any]:
-    """(embed, read) jitted for this model and mesh; cached so every Realm shares them."""
-    embedder, reader = Embedder(cfg), SpanReader(cfg)
-
-    def embed(params, ids, mask, types):  # [B, Lq] → [B, d]
-        return embedder.apply({"params": params}, ids, mask, types)
+def _read_fn(cfg: RealmModelConfig, mesh, rules) -> Any:
+    """The reader jitted for this model and mesh; cached so every Realm shares it (questions
+    are embedded by `embedding.EmbedRunner`, whose function is cached likewise)."""
+    reader = SpanReader(cfg)
 
     def read(params, ids, mask, types, block_mask, retrieval, with_logits):
         span = reader.apply({"params": params}, ids, mask, types, block_mask)  # [B, R, C]
@@ -166,15 +164,8 @@ def _device_fns(cfg: RealmModelConfig, mesh, rules) -> tuple[Any, Any]:
             out["span_logits"] = span
         return out
 
-    rep = sharding.replicated(mesh)
-    return (sharding.jit_sharded(embed, mesh, rules, out_shardings=rep),
-            sharding.jit_sharded(read, mesh, rules, out_shardings=rep, static_argnums=(6,)))
-
-
-def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
-    """Pad the leading dim to `size` by repeating row 0 (a real row: no all-masked inputs)."""
-    missing = size - len(x)
-    return x if missing <= 0 else np.concatenate([x, np.repeat(x[:1], missing, axis=0)])
+    return sharding.jit_sharded(read, mesh, rules, out_shardings=sharding.replicated(mesh),
+                                static_argnums=(6,))
 
 
 @dataclasses.dataclass
@@ -208,7 +199,8 @@ class Realm:
       batch_size: the padded size of multi-question batches, rounded up to a multiple of the
         mesh's batch split (default: config.eval.batch_size; on CPU, CPU_READER_TOKENS).
       length_buckets: question and join lengths are rounded up to this many equal steps of
-        their maxima (1: always the full data.query_len / data.reader_len).
+        their maxima (1: always the full data.query_len / data.reader_len; default:
+        data.length_buckets).
     """
 
     def __init__(
@@ -222,7 +214,7 @@ class Realm:
         tokenizer: WordPiece,
         mesh,
         batch_size: int | None = None,
-        length_buckets: int = 4,
+        length_buckets: int | None = None,
     ):
         self.config = config
         self.cfg = defaults.model_config(config)
@@ -247,10 +239,9 @@ class Realm:
             batch_size = (CPU_READER_TOKENS // (self.reader_beam * self.reader_len) if on_cpu
                           else int(config.eval.batch_size))
         self.batch_size = -(-max(int(batch_size), 1) // self.min_batch) * self.min_batch
-        if length_buckets < 1:
-            raise ValueError(f"length_buckets={length_buckets} must be >= 1")
-        self.length_buckets = int(length_buckets)
-        self._embed, self._read = _device_fns(self.cfg, mesh, self.rules)
+        self._queries = embedding.query_runner(config, mesh, self.batch_size, length_buckets)
+        self.length_buckets = self._queries.length_buckets
+        self._read = _read_fn(self.cfg, mesh, self.rules)
         self._in2 = sharding.batch_sharding(mesh, 2, self.rules)
         self._in3 = sharding.batch_sharding(mesh, 3, self.rules)
         self.step = -1  # the checkpoint step `load` restored (−1: built from live params)
@@ -307,18 +298,19 @@ class Realm:
           the command that makes it.
         """
         root = epath.Path(path)
-        kind = _detect(root)
-        config = _resolve_paths(defaults.load_config(str(root / "config.json"), overrides), root)
-        mesh = mesh if mesh is not None else _inference_mesh(config)
+        kind = model_dir.detect(root)
+        config = model_dir.resolve_paths(
+            defaults.load_config(str(root / "config.json"), overrides), root)
+        mesh = mesh if mesh is not None else model_dir.inference_mesh(config)
         tokenizer = load_tokenizer(config)
         corpus = load_corpus(config, tokenizer)
         if kind == "run":
-            step, params = _restore_run(root, step, config, mesh)
+            step, params = model_dir.restore_run(root, step, config, mesh)
         else:
             if step not in (None, 0):
                 raise ValueError(f"{root} is a converted checkpoint: it has step 0 only")
-            step, params = 0, _load_converted(root, config)
-        version = _load_index(root, corpus, step, kind)
+            step, params = 0, model_dir.load_converted(root, config)
+        version = model_dir.load_index(root, corpus, step, kind)
         searcher = open_searcher(version, config, mesh)
         cache = root / TOKENIZED_CACHE  # read if there; written only where we may write
         if not cache.exists() and not os.access(os.fspath(root), os.W_OK):
@@ -413,11 +405,6 @@ class Realm:
                                     block_text="", start_char=-1, end_char=-1, error=str(e))
         return valid, answers
 
-    def _bucket(self, n: int, full: int) -> int:
-        """`n` tokens rounded up to the next of `length_buckets` equal steps of `full`."""
-        step = -(-full // self.length_buckets)
-        return min(full, max(1, -(-n // step)) * step)
-
     def _sizes(self, n: int) -> Iterator[tuple[int, int, int]]:
         """(start, stop, padded size) of each batch: two fixed sizes, so two compilations."""
         for start in range(0, n, self.batch_size):
@@ -442,10 +429,8 @@ class Realm:
             enc = Encoded(*(None if a is None else a[start:stop] for a in
                             (enc_all.input_ids, enc_all.attention_mask, enc_all.token_type_ids,
                              enc_all.truncated)))
-            lq = self._bucket(int(enc.lengths.max()), self.query_len)
-            arrays = [multihost.put_global(_pad_rows(a[:, :lq], size), self._in2)
-                      for a in (enc.input_ids, enc.attention_mask, enc.token_type_ids)]
-            q = np.asarray(self._embed(q_params, *arrays), np.float32)  # [size, d]
+            # [size, d]: padded rows are searched too, so search compiles once per size
+            q = embedding.pad_rows(self._queries.embed(q_params, enc), size)
             ids, scores = self.searcher.search(q, k)  # padded rows too: one shape per size
             chunk = _Chunk(start, enc, ids[:m], scores[:m])
             if read:
@@ -453,15 +438,16 @@ class Realm:
                 chunk.retrieval = np.einsum("bd,brd->br", q[:m], self.searcher.embeddings_of(top))
                 rin = join_reader(enc.input_ids, enc.lengths, self.blocks, top, self.reader_len)
                 if not with_logits:  # `read` keeps the full length: one span layout for all
-                    length = max(self._bucket(int(rin.attention_mask.sum(-1).max()),
-                                              self.reader_len), self.cfg.max_span_width)
+                    length = max(embedding.bucket_length(int(rin.attention_mask.sum(-1).max()),
+                                                         self.reader_len, self.length_buckets),
+                                 self.cfg.max_span_width)
                     rin = ReaderInputs(*(a[..., :length] for a in (
                         rin.input_ids, rin.attention_mask, rin.token_type_ids, rin.block_mask)),
                         truncated=rin.truncated)
                 chunk.inputs = rin
-                dev = [multihost.put_global(_pad_rows(a, size), self._in3) for a in
+                dev = [multihost.put_global(embedding.pad_rows(a, size), self._in3) for a in
                        (rin.input_ids, rin.attention_mask, rin.token_type_ids, rin.block_mask)]
-                ret = multihost.put_global(_pad_rows(chunk.retrieval, size), self._in2)
+                ret = multihost.put_global(embedding.pad_rows(chunk.retrieval, size), self._in2)
                 out = self._read(self.params["reader"], *dev, ret, with_logits)
                 chunk.out = {key: np.asarray(v)[:m] for key, v in out.items()}
             yield chunk
@@ -518,153 +504,3 @@ class Realm:
             return self.tokenizer.decode(span_ids.tolist()), -1, -1
         start, end = offsets[first][0], offsets[last][1]
         return text[start:end], start, end
-
-
-# --------------------------------------------------------------------------- load helpers
-
-
-def _run_cmd(root: epath.Path) -> str:
-    return f"python -m realm_jax.train --config configs/X.py --workdir {root}"
-
-
-def _refresh_cmd(root: epath.Path) -> str:
-    return (f"python -m realm_jax.refresh --resolved_config {root / 'config.json'} "
-            f"--workdir {root} --once")
-
-
-def _convert_cmd(root: epath.Path, src: str = "HF_OPENQA_DIR", overwrite: bool = True) -> str:
-    """The conversion command; `overwrite` for a `root` that exists (convert refuses it else)."""
-    return (f"python -m realm_jax.convert --from hf_realm --src {src} --out {root} "
-            "--allow_pickle" + (" --overwrite" if overwrite else ""))
-
-
-def _detect(root: epath.Path) -> str:
-    """"run" (a training workdir) or "converted" (a converted HF open-QA directory)."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory (a training workdir or a converted "
-                                "Hugging Face REALM open-QA directory)")
-    try:
-        fmt = checkpoints.detect_format(root)
-    except ValueError:  # a config.json of no known checkpoint format (e.g. ours, untrained)
-        fmt = None
-    if fmt == "orbax":
-        if not ((root / "config.json").exists() and (root / store.INDEX_DIR).is_dir()):
-            raise FileNotFoundError(
-                f"{root} holds converted weights but no corpus and index (config.json, index/): "
-                f"convert the open-QA model with its block records: {_convert_cmd(root)}")
-        return "converted"
-    if fmt == "run":
-        return "run"
-    if fmt == "hf_realm":
-        raise ValueError(
-            f"{root} is a Hugging Face REALM directory; the runtime reads no pickles, so "
-            f"convert it once (weights, block_emb, block_records.npy): "
-            f"{_convert_cmd(epath.Path('OUT'), str(root), overwrite=False)}, "
-            "then Realm.load('OUT')")
-    if (root / "config.json").exists():
-        raise FileNotFoundError(
-            f"{checkpoints.checkpoint_dir(root)} does not exist: no checkpoint yet; train "
-            f"first: {_run_cmd(root)}")
-    raise FileNotFoundError(f"{root} has no config.json: not a training workdir (written by "
-                            f"{_run_cmd(root)}) nor a converted open-QA directory")
-
-
-def _resolve_paths(config: ml_collections.ConfigDict, root: epath.Path
-                   ) -> ml_collections.ConfigDict:
-    """data.vocab / data.corpus given relative to the directory (as convert writes them)."""
-    with config.unlocked():
-        for key in ("vocab", "corpus"):
-            value = str(config.data.get(key, ""))
-            if value and not os.path.isabs(value) and (root / value).exists():
-                config.data[key] = str(root / value)
-    return config
-
-
-def _inference_mesh(config: ml_collections.ConfigDict):
-    try:
-        return sharding.make_mesh(dict(config.mesh))
-    except ValueError as e:  # trained on another topology: spread the batch over what is here
-        log.warning("config mesh %s does not fit this machine (%s): using data=-1",
-                    dict(config.mesh), e)
-        return sharding.make_mesh({"data": -1})
-
-
-def _restore_run(root: epath.Path, step: int | None, config, mesh) -> tuple[int, dict]:
-    """The query tower (and the reader, if trained) of checkpoint `step`, sharded on `mesh`;
-    an unreadable one is named with the steps that do load."""
-    manager = checkpoints.checkpoint_manager(root, read_only=True)
-    try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(
-                f"{checkpoints.checkpoint_dir(root)} holds no checkpoint yet: train first: "
-                f"{_run_cmd(root)}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise FileNotFoundError(f"{checkpoints.checkpoint_dir(root)} has no step {step}; "
-                                    f"available: {steps}")
-        try:
-            return step, _restore_towers(manager, step, config, mesh)
-        except restore.CheckpointUnreadable as e:  # which would do, for --step
-            ok = [s for s in steps if s != step and _loads(manager, s, config, mesh)]
-            hint = (f"the steps that load: {ok}: pass --step {ok[-1]}" if ok
-                    else "no other step loads")
-            raise restore.CheckpointUnreadable(f"{e}; {hint}") from None
-    finally:
-        manager.close()
-
-
-def _restore_towers(manager, step: int, config, mesh) -> dict:
-    meta = restore.restore_step(manager, step, {"meta": None})["meta"]
-    saved = set(meta.get("towers", ()))
-    query = next((t for t in QUERY_TOWERS if t in saved), None)
-    if query is None:
-        raise ValueError(f"checkpoint {restore.step_dir(manager, step)} has towers "
-                         f"{sorted(saved)}: no query tower ({' or '.join(QUERY_TOWERS)})")
-    towers = [query] + (["reader"] if "reader" in saved else [])
-    abstract = initialize.abstract_towers(defaults.model_config(config), towers, mesh,
-                                          tuple(config.rules))
-    return restore.restore_step(manager, step, abstract)
-
-
-def _loads(manager, step: int, config, mesh) -> bool:
-    try:
-        _restore_towers(manager, step, config, mesh)
-    except restore.CheckpointUnreadable:
-        return False
-    return True
-
-
-def _load_converted(root: epath.Path, config) -> dict:
-    """The towers of a converted directory, as host arrays (`Realm` places them)."""
-    cfg, towers = checkpoints.load_pretrained(root)
-    if cfg != defaults.model_config(config):
-        raise ValueError(f"{root / checkpoints.OUR_MARKER} and {root / 'config.json'} describe "
-                         f"different models: re-run {_convert_cmd(root)}")
-    return towers
-
-
-def _load_index(root: epath.Path, corpus: BlockCorpus, step: int, kind: str
-                ) -> store.IndexVersion:
-    """The index of checkpoint `step` if published (a pre-training run), else LATEST; it must
-    have been built from `corpus`."""
-    fix = _refresh_cmd(root) if kind == "run" else _convert_cmd(root)
-    if store.latest_step(root) is None:
-        raise FileNotFoundError(f"{root / store.INDEX_DIR / store.LATEST}: no index published "
-                                f"yet; build it: {fix}")
-    if step in store.list_steps(root) and step != store.latest_step(root):
-        version = store.load_version(root, step)
-    else:
-        version = store.load_latest(root)
-    if version.num_blocks != len(corpus):
-        raise store.IndexStoreError(
-            f"{version.path / store.META}: the index has {version.num_blocks} blocks but the "
-            f"corpus {corpus.description} has {len(corpus)}: it was built from another corpus; "
-            f"rebuild it: {fix}")
-    fingerprint = version.meta.get("corpus_fingerprint")
-    if fingerprint and fingerprint != corpus.fingerprint:
-        raise store.IndexStoreError(
-            f"{version.path / store.META}: corpus_fingerprint {fingerprint[:12]}… is not the "
-            f"corpus's {corpus.fingerprint[:12]}… ({corpus.description}); rebuild it: {fix}")
-    return version

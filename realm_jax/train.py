@@ -310,7 +310,7 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
     manager = checkpoints.checkpoint_manager(workdir, keep=max(c.train.keep_checkpoints, 5))
     mode = task.index_mode or c.refresh.mode
     needs_refresher = mode in ("frozen", "sync")
-    refresher = Refresher(c, workdir, corpus=corpus, progress=False) if needs_refresher else None
+    refresher = Refresher(c, workdir, corpus=corpus, progress=progress) if needs_refresher else None
     live = LiveIndex(c, workdir, mesh, corpus_fp=corpus.fingerprint, refresher=refresher,
                      mode=mode)
     logger = _Logger(workdir, step, total, progress)

@@ -14,17 +14,17 @@ import jax
 import numpy as np
 import pytest
 
-from realm_jax import checkpoints, defaults, inference, initialize, sharding
+from realm_jax import checkpoints, defaults, embedding, inference, initialize, sharding
 from realm_jax.answer import answer_all, from_arguments, read_lines
 from realm_jax.data.joins import join_reader, tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_qa_split, load_tokenizer
-from realm_jax.data.qa import QaSet, exact_match
-from realm_jax.evaluate import evaluate, has_answer
+from realm_jax.data.qa import QaSet, exact_match, has_answer
 from realm_jax.evaluate import run as evaluate_run
+from realm_jax.evaluation import evaluate
 from realm_jax.inference import Realm
 from realm_jax.models import Embedder, SpanReader, orqa_logits, span_candidates
 from realm_jax.retrieval import store
-from realm_jax.retrieval.refresher import BlockEmbedder, publish_index
+from realm_jax.retrieval.refresher import publish_index
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTIONS = ["where was Tunupim Kristoux born?", "who employed the chemist?",
@@ -50,7 +50,8 @@ def make_workdir(root, config, towers=("query_embedder", "reader"), step=3, seed
         np.float32), jax.device_get(params))
     corpus = load_corpus(config)
     blocks = tokenize_corpus(corpus, load_tokenizer(config))
-    embeddings = BlockEmbedder(config, mesh)(params["embedder"], blocks, progress=False)
+    embeddings = embedding.block_runner(config, mesh).embed_blocks(params["embedder"], blocks,
+                                                                   console=False)
     publish_index(config, root, 0, embeddings, corpus.fingerprint)
     manager = checkpoints.checkpoint_manager(root)
     checkpoints.save_train_state(manager, step, {t: params[t] for t in towers}, {}, {},
@@ -133,7 +134,8 @@ def test_single_and_batched_answers_agree_and_repeat(realm):
 
 def test_each_device_function_compiles_once_per_padded_shape(workdir, realm):
     def fresh(**kw):
-        inference._device_fns.cache_clear()  # a fresh pair of jitted functions
+        inference._read_fn.cache_clear()  # fresh jitted functions
+        embedding._embed_fn.cache_clear()
         return Realm(realm.config, realm.params, realm.searcher, corpus=realm.corpus,
                      blocks=realm.blocks, tokenizer=realm.tokenizer, mesh=realm.mesh, **kw)
 
@@ -142,7 +144,7 @@ def test_each_device_function_compiles_once_per_padded_shape(workdir, realm):
     assert (full.min_batch, full.batch_size) == (8, 16)
     answers = [full.answer((QUESTIONS * 8)[:n]) for n in sizes]
     full.retrieve(QUESTIONS, 3)
-    assert full._embed.jitted._cache_size() == 2  # padded to 8 or 16 rows
+    assert full._queries.compilations == 2  # padded to 8 or 16 rows
     assert full._read.jitted._cache_size() == 2
     # Lengths cut to the batch's longest (4 buckets): at most 4 lengths per batch size, and
     # the same answers as at full length.
@@ -152,9 +154,9 @@ def test_each_device_function_compiles_once_per_padded_shape(workdir, realm):
         assert [(a.text, a.block_id) for a in got] == [(a.text, a.block_id) for a in want]
         np.testing.assert_allclose([a.score for a in got], [a.score for a in want], rtol=1e-5)
     assert bucketed._read.jitted._cache_size() <= 2 * 4
-    assert bucketed._embed.jitted._cache_size() <= 2 * 4
-    assert bucketed._bucket(17, 64) == 32 and bucketed._bucket(64, 64) == 64
-    assert bucketed._bucket(1, 24) == 6 and bucketed._bucket(7, 24) == 12
+    assert bucketed._queries.compilations <= 2 * 4
+    assert embedding.bucket_length(17, 64, 4) == 32 and embedding.bucket_length(64, 64, 4) == 64
+    assert embedding.bucket_length(1, 24, 4) == 6 and embedding.bucket_length(7, 24, 4) == 12
 
 
 def test_retrieve_gives_the_top_k_blocks_with_their_text(workdir, realm):

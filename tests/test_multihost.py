@@ -36,10 +36,10 @@ from realm_jax.data.loaders import (
     load_qa_split,
     load_tokenizer,
 )
+from realm_jax.embedding import query_runner
 from realm_jax.inference import Realm
 from realm_jax.retrieval import store
-from realm_jax.tasks.common import QueryEncoder
-from realm_jax.testing.tasks import task_with_random_index
+from realm_jax.testing.tasks import task_with_random_index, towers_of
 from realm_jax.train import init_state, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,12 +109,11 @@ def test_host_rows_embed_like_replicated_rows(eight_devices):
     params, _ = initialize.init_towers(defaults.model_config(config), ["embedder"], mesh)
     enc = load_tokenizer(config).encode_queries(
         [f"who founded city number {i}?" for i in range(5)], 24)
-    encoder = QueryEncoder(config, mesh)
+    encoder = query_runner(config, mesh)
     arrays = (enc.input_ids, enc.attention_mask, enc.token_type_ids)
     host = encoder.embed_host_rows(params["embedder"], *arrays)
     assert host.all.shape == (8, 16) and host.rows == slice(0, 5)
-    np.testing.assert_allclose(host.mine, encoder.embed_ids(params["embedder"], *arrays),
-                               atol=1e-6)
+    np.testing.assert_allclose(host.mine, encoder.embed(params["embedder"], enc), atol=1e-6)
     assert pipeline.mesh_shard(mesh).shard_count == 1
 
 
@@ -283,7 +282,7 @@ def test_two_processes_train_like_one(tmp_path, eight_devices):
 
     # The 2-process checkpoint restores on this process's 8-device mesh, as train resumes it.
     mesh = sharding.make_mesh(dict(config.mesh))
-    towers, opt = initialize.towers_for(config), optim.make_optimizer(config.train)
+    towers, opt = towers_of(config), optim.make_optimizer(config.train)
     params, opt_state, step, data_state, origin = init_state(config, multi, towers, mesh, opt)
     assert (step, origin) == (3, "workdir")
     assert max_diff(flat(params), got) == 0.0  # the checkpoint holds what the run ended with

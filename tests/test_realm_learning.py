@@ -12,8 +12,8 @@ import pytest
 from realm_jax import checkpoints, defaults, initialize, optim, sharding
 from realm_jax.data.joins import tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
+from realm_jax.embedding import block_runner
 from realm_jax.models.losses import marginal_mlm_loss, realm_loss, score_scale
-from realm_jax.retrieval.refresher import BlockEmbedder
 from realm_jax.tasks import make_task
 from realm_jax.tasks.realm_mlm import masked_spans
 from realm_jax.train import train
@@ -177,9 +177,9 @@ def test_fresh_recall_heldout_utility_and_reading_equal_direct_computation(tmp_p
     task = make_task(config, mesh, corpus, blocks, tok)
 
     # Fresh recall: every block embedded now, brute-force top-5 in numpy.
-    table = BlockEmbedder(config, mesh)(params["embedder"], blocks, progress=False)
+    table = block_runner(config, mesh).embed_blocks(params["embedder"], blocks, console=False)
     questions, gold = task.recall.questions
-    q = task.queries.embed_texts(params["embedder"], tok, questions, config.data.query_len)
+    q = task.queries.embed(params["embedder"], tok.encode_queries(questions, config.data.query_len))
     top = np.argsort(-(q @ table.T), axis=1, kind="stable")[:, :5]
     keep = gold >= 0
     for k in (1, 5):

@@ -16,9 +16,9 @@ import pytest
 from realm_jax import checkpoints, defaults, optim
 from realm_jax.data.joins import blocks_with_answer, tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
+from realm_jax.embedding import block_runner
 from realm_jax.retrieval import store
-from realm_jax.retrieval.refresher import BlockEmbedder
-from realm_jax.retrieval.searcher import realm_candidates
+from realm_jax.tasks.realm_mlm import realm_candidates
 from realm_jax.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,11 +148,12 @@ def test_both_tasks_train_three_steps(tmp_path, eight_devices):
     assert {"retriever_loss", "reader_loss"} <= set(result.history[0])
     assert "staleness_steps" not in result.history[0]  # a frozen index is never stale
     assert store.list_steps(ft) == [0]
-    embedder = BlockEmbedder(config, jax.sharding.Mesh(np.array(jax.devices()).reshape(8, 1, 1),
-                                                       ("data", "fsdp", "model")))
+    embedder = block_runner(config, jax.sharding.Mesh(np.array(jax.devices()).reshape(8, 1, 1),
+                                                      ("data", "fsdp", "model")))
     blocks = tokenize_corpus(load_corpus(config), load_tokenizer(config))
     np.testing.assert_allclose(store.load_latest(ft).embeddings,
-                               embedder(towers["embedder"], blocks, progress=False), atol=1e-5)
+                               embedder.embed_blocks(towers["embedder"], blocks, console=False),
+                               atol=1e-5)
 
 
 def test_nan_stops_the_run_naming_the_step(tmp_path, eight_devices):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
@@ -29,64 +28,12 @@ from etils import epath
 
 from realm_jax import checkpoints, defaults, initialize, multihost, sharding, workdir_lock
 from realm_jax.data.blocks import BlockCorpus
-from realm_jax.data.joins import TokenizedBlocks, tokenize_corpus
+from realm_jax.data.joins import tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
-from realm_jax.data.tokenizer import Encoded
-from realm_jax.models import Embedder
+from realm_jax.embedding import block_runner
 from realm_jax.retrieval import store
 
 log = logging.getLogger(__name__)
-
-
-def block_batches(
-    blocks: TokenizedBlocks, block_len: int, batch_size: int
-) -> Iterator[Encoded]:
-    """`[CLS] title [SEP] body [SEP]` batches of exactly `batch_size` rows (the last padded with
-    null documents), so the jitted embedder compiles once."""
-    n = len(blocks.titles)
-    for start in range(0, n, batch_size):
-        ids = np.arange(start, start + batch_size)
-        yield blocks.encode(np.where(ids < n, ids, -1), block_len)
-
-
-class BlockEmbedder:
-    """Embeds blocks with the document tower, sharded over the mesh's batch axes."""
-
-    def __init__(self, config: ml_collections.ConfigDict, mesh):
-        self.config = config
-        self.mesh = mesh
-        self.rules = tuple(config.rules)
-        self.module = Embedder(defaults.model_config(config))
-        self.batch_size = int(config.refresh.batch_size)
-        batch_shards = sharding.mesh_batch_size(mesh, self.rules)
-        if self.batch_size % batch_shards:
-            raise ValueError(f"refresh.batch_size={self.batch_size} is not a multiple of the "
-                             f"{batch_shards} devices the batch is split over")
-        self._in = sharding.batch_sharding(mesh, 2, self.rules)
-        self._embed = sharding.jit_sharded(
-            lambda p, ids, mask, types: self.module.apply({"params": p}, ids, mask, types),
-            mesh, self.rules, out_shardings=sharding.replicated(mesh),
-        )
-
-    def __call__(self, params: Any, blocks: TokenizedBlocks, progress: bool = True) -> np.ndarray:
-        """All blocks → float32 [N, d], in corpus order."""
-        from tqdm import tqdm
-
-        n = len(blocks.titles)
-        out: list[np.ndarray] = []
-        t0 = time.time()
-        batches = block_batches(blocks, self.config.data.block_len, self.batch_size)
-        bar = tqdm(batches, total=-(-n // self.batch_size), unit="batch", disable=not progress,
-                   desc="embedding blocks")
-        for enc in bar:
-            # Every host holds the same batch; each device embeds its rows of it.
-            arrays = [multihost.put_global(a, self._in) for a in
-                      (enc.input_ids, enc.attention_mask, enc.token_type_ids)]
-            out.append(np.asarray(self._embed(params, *arrays)))
-        embeddings = np.concatenate(out)[:n].astype(np.float32)
-        dt = time.time() - t0
-        log.info("embedded %d blocks in %.1fs (%.1f docs/s)", n, dt, n / max(dt, 1e-9))
-        return embeddings
 
 
 def _scann_config(config: ml_collections.ConfigDict):
@@ -149,7 +96,7 @@ class Refresher:
         self.corpus = load_corpus(config, tokenizer) if corpus is None else corpus
         self.corpus_fp = self.corpus.fingerprint
         self.blocks = tokenize_corpus(self.corpus, tokenizer)
-        self.embedder = BlockEmbedder(config, self.mesh)
+        self.embedder = block_runner(config, self.mesh)
         # The restore target (shapes + shardings) depends only on the config: build it once.
         self._abstract = initialize.abstract_towers(
             defaults.model_config(config), ["embedder"], self.mesh, tuple(config.rules))
@@ -164,7 +111,7 @@ class Refresher:
         gathered everywhere), the primary alone publishes (one writer per store, DESIGN §4),
         and all return only once the version is on disk, so each may load it at once.
         """
-        embeddings = self.embedder(params, self.blocks, progress=self.progress)
+        embeddings = self.embedder.embed_blocks(params, self.blocks, console=self.progress)
         if multihost.is_primary():
             publish_index(self.config, self.workdir, step, embeddings, self.corpus_fp)
         multihost.barrier(f"realm_index_published_v{step}")

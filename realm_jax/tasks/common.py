@@ -2,7 +2,7 @@
 
 Multi-host: a training batch is split over hosts (each holds its own rows), but exact search
 over the index sharded on all devices is a collective that every host must enter with the same
-global queries. So `QueryEncoder.embed_host_rows` embeds the global batch from per-host rows and
+global queries. So `EmbedRunner.embed_host_rows` embeds the global batch from per-host rows and
 hands every host all the query embeddings plus the place of its own rows, and
 `search_host_rows` searches with all of them (exact) or with this host's only (ScaNN, on host).
 """
@@ -10,7 +10,6 @@ hands every host all the query embeddings plus the place of its own rows, and
 from __future__ import annotations
 
 import abc
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -20,12 +19,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from realm_jax import defaults, multihost, sharding
+from realm_jax import defaults, sharding
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.joins import TokenizedBlocks
-from realm_jax.data.pipeline import mesh_shard
 from realm_jax.data.tokenizer import WordPiece
-from realm_jax.models import Embedder
+from realm_jax.embedding import EmbedRunner, HostQueries, block_runner, query_runner
 from realm_jax.retrieval.searcher import Searcher
 
 PyTree = Any
@@ -35,81 +33,6 @@ def query_tower(params: dict[str, PyTree]) -> PyTree:
     """The tower that embeds questions/queries: a separate query tower if trained, else the
     shared embedder."""
     return params["query_embedder"] if "query_embedder" in params else params["embedder"]
-
-
-@dataclasses.dataclass(frozen=True)
-class HostQueries:
-    """Query embeddings of a global batch whose rows are spread over hosts.
-
-    Attributes:
-      all: [B_global, d] float32, every host's rows (identical on every host), padding included.
-      rows: where this host's rows sit in `all`.
-    """
-
-    all: np.ndarray
-    rows: slice
-
-    @property
-    def mine(self) -> np.ndarray:
-        """[B_host, d]: this host's rows, in the order of its batch."""
-        return self.all[self.rows]
-
-
-class QueryEncoder:
-    """Texts or token ids → query embeddings [B, d] on the host (deterministic, jitted).
-
-    Batches are padded to a multiple of the mesh's batch shards, and at most `batch_size` rows
-    go through one call, so the function compiles for a handful of shapes only. The output is
-    replicated, so every host can read all of it (a fully replicated array is readable even
-    where it spans other hosts' devices).
-    """
-
-    def __init__(self, config: ml_collections.ConfigDict, mesh, batch_size: int = 64):
-        self.config = config
-        self.mesh = mesh
-        self.rules = tuple(config.rules)
-        self.shards = sharding.mesh_batch_size(mesh, self.rules)
-        self.batch_size = -(-batch_size // self.shards) * self.shards
-        self._in = sharding.batch_sharding(mesh, 2, self.rules)
-        module = Embedder(defaults.model_config(config))
-        self._embed = sharding.jit_sharded(
-            lambda p, ids, mask, types: module.apply({"params": p}, ids, mask, types),
-            mesh, self.rules, out_shardings=sharding.replicated(mesh))
-
-    def embed_ids(self, params: PyTree, ids: np.ndarray, mask: np.ndarray, types: np.ndarray
-                  ) -> np.ndarray:
-        """[B, L] int32 arrays, the same on every host (eval questions) → float32 [B, d]."""
-        n = ids.shape[0]
-        out = []
-        for start in range(0, n, self.batch_size):
-            rows = slice(start, min(start + self.batch_size, n))
-            m = rows.stop - rows.start
-            pad = (-m) % self.shards
-            placed = [multihost.put_global(np.pad(a[rows], ((0, pad), (0, 0))), self._in)
-                      for a in (ids, mask, types)]
-            out.append(np.asarray(self._embed(params, *placed))[:m])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-    def embed_host_rows(self, params: PyTree, ids: np.ndarray, mask: np.ndarray,
-                        types: np.ndarray) -> HostQueries:
-        """This host's [b, L] rows of a global batch (training) → all hosts' embeddings.
-
-        Every host must call this at the same point with the same b (the data pipeline gives
-        every host equal batches); it is one sharded call over the whole global batch.
-        """
-        b = ids.shape[0]
-        hosts = mesh_shard(self.mesh, self.rules).shard_count  # 1 unless the batch spans hosts
-        pad = (-b) % max(1, self.shards // hosts)  # whole batch shards on this host's devices
-        placed = [jax.make_array_from_process_local_data(self._in, np.pad(a, ((0, pad), (0, 0))))
-                  for a in (ids, mask, types)]
-        rows = multihost.process_rows(self._in, placed[0].shape)
-        embeddings = np.asarray(self._embed(params, *placed))  # [B_global, d]
-        return HostQueries(embeddings, slice(rows.start, rows.start + b))
-
-    def embed_texts(self, params: PyTree, tokenizer: WordPiece, texts: Sequence[str],
-                    max_length: int) -> np.ndarray:
-        enc = tokenizer.encode_queries(list(texts), max_length)
-        return self.embed_ids(params, enc.input_ids, enc.attention_mask, enc.token_type_ids)
 
 
 def search_host_rows(searcher: Searcher, queries: HostQueries, k: int
@@ -127,7 +50,7 @@ def search_host_rows(searcher: Searcher, queries: HostQueries, k: int
 
 
 def gold_recall(
-    encoder: QueryEncoder, params: PyTree, searcher: Searcher, tokenizer: WordPiece,
+    encoder: EmbedRunner, params: PyTree, searcher: Searcher, tokenizer: WordPiece,
     questions: Sequence[str], gold_blocks: np.ndarray, ks: Sequence[int], max_length: int,
 ) -> dict[int, float]:
     """Per k in `ks`: the fraction of questions whose gold block is in the top-k of
@@ -137,7 +60,8 @@ def gold_recall(
     if not keep.any():
         return {k: float("nan") for k in ks}
     texts = [q for q, ok in zip(questions, keep, strict=True) if ok]
-    ids, _ = searcher.search(encoder.embed_texts(params, tokenizer, texts, max_length), max(ks))
+    ids, _ = searcher.search(encoder.embed(params, tokenizer.encode_queries(texts, max_length)),
+                             max(ks))
     rank = np.where(ids == gold[keep][:, None], np.arange(ids.shape[1]), ids.shape[1]).min(-1)
     return {k: float((rank < k).mean()) for k in ks}
 
@@ -163,20 +87,19 @@ def eval_questions(config: ml_collections.ConfigDict) -> tuple[list[str], np.nda
 
 
 def fresh_searcher(config: ml_collections.ConfigDict, mesh, embedder_params: PyTree,
-                   blocks: TokenizedBlocks, embedder: Any = None) -> Searcher:
+                   blocks: TokenizedBlocks, embedder: EmbedRunner | None = None) -> Searcher:
     """An exact, in-memory index of every block embedded with `embedder_params` now.
 
     Why: the live index is stale by design, so recall against it mixes what the retriever
     learned with how old the index is. Recall against this one measures the retriever alone
-    (the same re-embedding the refresher does, not published). `embedder`: a
-    `refresher.BlockEmbedder` to reuse (its jitted function compiles once per instance).
+    (the same re-embedding the refresher does, not published). `embedder`: the block
+    runner to use (default `embedding.block_runner`).
     """
     from realm_jax.retrieval import mips
-    from realm_jax.retrieval.refresher import BlockEmbedder
     from realm_jax.retrieval.store import IndexVersion
 
-    embedder = embedder or BlockEmbedder(config, mesh)
-    table = embedder(embedder_params, blocks, progress=False)  # [N, d]
+    embedder = embedder or block_runner(config, mesh)
+    table = embedder.embed_blocks(embedder_params, blocks, console=False)  # [N, d]
     version = IndexVersion(step=-1, embeddings=table, meta={}, path=epath.Path("<fresh>"))
     index = mips.ExactIndex.build(table, mesh, dtype=config.retrieval.table_dtype,
                                   rules=tuple(tuple(x) for x in config.rules))
@@ -224,10 +147,8 @@ class GoldRecall:
         return self.against(query_params, searcher)
 
     @functools.cached_property
-    def _embedder(self) -> Any:
-        from realm_jax.retrieval.refresher import BlockEmbedder
-
-        return BlockEmbedder(self.task.config, self.task.mesh)
+    def _embedder(self) -> EmbedRunner:
+        return block_runner(self.task.config, self.task.mesh)
 
 
 class Task(abc.ABC):
@@ -250,7 +171,7 @@ class Task(abc.ABC):
         self.corpus = corpus
         self.blocks = blocks
         self.tokenizer = tokenizer
-        self.queries = QueryEncoder(config, mesh, batch_size=max(config.eval.batch_size, 8))
+        self.queries = query_runner(config, mesh, batch_size=max(config.eval.batch_size, 8))
         self.recall = GoldRecall(self)
 
     @abc.abstractmethod
@@ -289,22 +210,3 @@ class Task(abc.ABC):
                  ) -> dict[str, float]:
         """Held-out metrics on `config.eval.split` with the current index (None for a task
         without one); `fresh`: that index was embedded from these very `params`."""
-
-
-# task name → (module, class); imported on demand so that a task's module may import this one.
-TASKS = {
-    "realm_mlm": ("realm_jax.tasks.realm_mlm", "RealmMlm"),
-    "orqa": ("realm_jax.tasks.orqa", "Orqa"),
-    "ict": ("realm_jax.tasks.ict", "Ict"),
-    "mlm": ("realm_jax.tasks.mlm", "Mlm"),
-}
-
-
-def make_task(config: ml_collections.ConfigDict, mesh, corpus: BlockCorpus,
-              blocks: TokenizedBlocks, tokenizer: WordPiece) -> Task:
-    if config.task not in TASKS:
-        raise ValueError(f"task={config.task!r}; accepted: {', '.join(TASKS)}")
-    import importlib
-
-    module, cls = TASKS[config.task]
-    return getattr(importlib.import_module(module), cls)(config, mesh, corpus, blocks, tokenizer)

@@ -1,0 +1,118 @@
+"""The one embedder runner: length buckets change no row, the order comes back, compilations
+stay bounded, an index build shows its progress."""
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from realm_jax import defaults, embedding, initialize, sharding
+from realm_jax.data.blocks import BlockCorpus
+from realm_jax.data.joins import tokenize_corpus
+from realm_jax.data.loaders import load_tokenizer
+from realm_jax.data.tokenizer import Encoded
+from realm_jax.models import Embedder
+
+WORDS = "the river city was founded by a merchant who sailed north in winter".split()
+
+
+def mixed_corpus(n: int = 41) -> BlockCorpus:
+    """Blocks from 3 to ~45 wordpieces, in no particular order of length."""
+    rng = np.random.default_rng(0)
+    return BlockCorpus.from_blocks([
+        {"title": f"Entity {i}",
+         "text": " ".join(rng.choice(WORDS, size=int(rng.integers(1, 40))))}
+        for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def setup(eight_devices):
+    config = defaults.load_config("configs/tiny.py")
+    mesh = sharding.make_mesh({"data": -1}, eight_devices)
+    params, _ = initialize.init_towers(defaults.model_config(config), ["embedder"], mesh)
+    blocks = tokenize_corpus(mixed_corpus(), load_tokenizer(config))
+    return config, mesh, params["embedder"], blocks
+
+
+def direct(config, params, enc) -> np.ndarray:
+    """The tower applied to all rows at once, at full length, no runner."""
+    module = Embedder(defaults.model_config(config))
+    return np.asarray(module.apply({"params": jax.device_get(params)}, enc.input_ids,
+                                   enc.attention_mask, enc.token_type_ids))
+
+
+def runner(config, mesh, buckets: int, batch_size: int = 16) -> embedding.EmbedRunner:
+    embedding._embed_fn.cache_clear()  # count this runner's compilations alone
+    return embedding.EmbedRunner(defaults.model_config(config), mesh, config.rules,
+                                 max_len=config.data.block_len, batch_size=batch_size,
+                                 length_buckets=buckets)
+
+
+def test_bucketed_rows_equal_full_length_rows_in_input_order(setup):
+    config, mesh, params, blocks = setup
+    enc = blocks.encode(np.arange(len(blocks)), config.data.block_len)
+    assert len(set(enc.lengths.tolist())) > 10  # mixed lengths, unsorted
+    want = direct(config, params, enc)
+    full = runner(config, mesh, 1).embed_blocks(params, blocks, console=False)
+    bucketed = runner(config, mesh, 4).embed_blocks(params, blocks, console=False)
+    np.testing.assert_allclose(full, want, atol=1e-5)
+    np.testing.assert_allclose(bucketed, want, atol=1e-5)
+    again = runner(config, mesh, 4).embed_blocks(params, blocks, console=False)
+    np.testing.assert_array_equal(again, bucketed)  # one corpus, one table: bitwise
+
+
+def test_batches_are_sorted_bucketed_and_cover_every_row_once(setup):
+    config, mesh, *_ = setup
+    r = runner(config, mesh, 4)
+    lengths = np.array([5, 48, 13, 30, 7, 12, 47, 20, 3] * 3)
+    seen = []
+    for rows, size, length in r.batches(lengths):
+        assert length in (12, 24, 36, 48) and length >= lengths[rows].max()
+        assert size in (8, 16) and len(rows) <= size
+        seen.extend(rows.tolist())
+    assert sorted(seen) == list(range(len(lengths)))
+    assert lengths[seen].tolist() == sorted(lengths.tolist(), reverse=True)  # longest first
+
+
+def test_compilations_stay_within_the_bucket_count(setup):
+    config, mesh, params, blocks = setup
+    r = runner(config, mesh, 4)
+    for n in (1, 5, 9, 16, 23, len(blocks)):
+        r.embed(params, blocks.encode(np.arange(n), config.data.block_len))
+    assert 1 < r.compilations <= 2 * 4  # per bucket: a full batch and a small one
+    assert embedding.bucket_length(17, 64, 4) == 32 and embedding.bucket_length(64, 64, 4) == 64
+    assert embedding.bucket_length(1, 24, 4) == 6 and embedding.bucket_length(0, 24, 1) == 24
+
+
+def test_query_rows_padded_and_cut_back(setup):
+    """Fewer rows than the mesh splits the batch into: padded by a real row, cut back."""
+    config, mesh, params, _ = setup
+    tok = load_tokenizer(config)
+    questions = ["who founded the river city?", "where", "when did the merchant sail north?"]
+    enc = tok.encode_queries(questions, config.data.query_len)
+    got = embedding.query_runner(config, mesh).embed(params, enc)
+    assert got.shape == (3, config.model.proj_size)
+    np.testing.assert_allclose(got, direct(config, params, enc), atol=1e-5)
+    none = Encoded(*(a[:0] for a in (enc.input_ids, enc.attention_mask, enc.token_type_ids)))
+    assert embedding.query_runner(config, mesh).embed(params, none).shape[0] == 0
+
+
+def test_an_index_build_shows_rate_and_eta(setup, capsys, caplog, monkeypatch):
+    config, mesh, params, blocks = setup
+    monkeypatch.setattr(embedding, "LOG_EVERY_S", 0.0)  # a line for every batch
+    with caplog.at_level(logging.INFO, logger="realm_jax.embedding"):
+        runner(config, mesh, 4).embed_blocks(params, blocks, console=True)
+    bar = capsys.readouterr().err
+    assert "embedding blocks" in bar and f"{len(blocks)}/{len(blocks)}" in bar
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("/s, ETA" in m for m in lines)
+    assert any(m.startswith(f"embedding blocks: {len(blocks)} in ") for m in lines)
+
+
+def test_bad_sizes_are_refused(setup):
+    config, mesh, *_ = setup
+    with pytest.raises(ValueError, match="length_buckets=0 must be >= 1"):
+        runner(config, mesh, 0)
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        runner(config, mesh, 4, batch_size=0)
