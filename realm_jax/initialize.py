@@ -31,22 +31,6 @@ PyTree = Any
 RETRIEVER_TOWERS = ("embedder", "query_embedder")
 
 
-def towers_for(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The towers a task trains: pre-training trains the (shared) embedder and the encoder;
-    ORQA trains the query tower and the reader against a frozen block index; ICT trains the
-    embedder alone, plain MLM the encoder alone."""
-    if config.task == "realm_mlm":
-        shared = config.model.get("share_embedders", True)
-        return ("embedder", "encoder") if shared else ("embedder", "query_embedder", "encoder")
-    if config.task == "orqa":
-        return ("query_embedder", "reader")
-    if config.task == "ict":  # one embedder for queries and blocks (ORQA's ICT)
-        return ("embedder",)
-    if config.task == "mlm":  # the knowledge-augmented encoder's warm start, no retrieval
-        return ("encoder",)
-    raise ValueError(f"task={config.task!r}; accepted: realm_mlm, orqa, ict, mlm")
-
-
 def init_towers(
     cfg: RealmModelConfig, towers: Sequence[str], mesh, rules=sharding.DEFAULT_RULES,
     seed: int = 0,

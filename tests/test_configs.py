@@ -27,6 +27,7 @@ import pytest
 from realm_jax import defaults, initialize, sharding
 from realm_jax.data import qa as qa_lib
 from realm_jax.models.config import BertConfig
+from realm_jax.testing.tasks import towers_of
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
@@ -129,7 +130,7 @@ def _abstract(model_json: str, towers: tuple[str, ...], mesh_axes: tuple, rules:
 @pytest.mark.parametrize("path, arg", CASES)
 def test_config_builds_its_towers(path, arg, eight_devices):
     config = defaults.load_config(_spec(path, arg))
-    towers = initialize.towers_for(config)
+    towers = towers_of(config)
     cfg, mesh, abstract = _abstract(
         json.dumps(config.model.to_dict(), sort_keys=True), towers,
         tuple(sorted(dict(config.mesh).items())), tuple(config.rules))

@@ -39,7 +39,7 @@ def test_query_and_block_layouts(tok):
                                             "[PAD]", "[PAD]"]
     assert b.token_type_ids[0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
 
-    null = tok.null_block(6)
+    null = tok.encode_block_ids([[]], [[]], 6)  # the null document
     assert _tokens(tok, null.input_ids[0]) == ["[CLS]", "[SEP]", "[SEP]", "[PAD]", "[PAD]",
                                                "[PAD]"]
     assert null.token_type_ids[0].tolist() == [0, 0, 1, 0, 0, 0]
@@ -80,7 +80,7 @@ def test_tokenized_blocks_encode_like_the_tokenizer(tok, tokenized, tmp_path):
     for field in ("input_ids", "attention_mask", "token_type_ids", "truncated"):
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field), field)
     null = tb.encode(np.array([-1]), 16)
-    np.testing.assert_array_equal(null.input_ids, tok.null_block(16).input_ids)
+    np.testing.assert_array_equal(null.input_ids, tok.encode_block_ids([[]], [[]], 16).input_ids)
     # Saved and memory-mapped back: identical, and tied to the corpus fingerprint.
     tb.save(tmp_path / "tok")
     again = joins.TokenizedBlocks.load(tmp_path / "tok")
@@ -114,11 +114,13 @@ def test_mlm_join_keeps_the_query_prefix_identical(tok, tokenized):
     assert row[6:12] == ["alpha", "body", "one", "two", "three", "[SEP]"]
     assert j.token_type_ids[0, 1, 6:12].all() and not j.token_type_ids[0, 1, 12:].any()
     assert j.truncated[0, 2] and j.input_ids[0, 2, -1] == tok.sep_id  # cut, still closed
-    # The convenience method on strings agrees with the pre-tokenised path.
-    bodies = [["", "alpha body one two three", " ".join(["long"] * 50)],
-              ["beta", " ".join(["long"] * 50), "alpha body one two three"]]
-    np.testing.assert_array_equal(tok.encode_mlm_join(q.input_ids, bodies, 24).input_ids,
-                                  j.input_ids)
+    # Body strings tokenised afresh give the same joins as the corpus's pre-tokenised blocks.
+    bodies = ["", "alpha body one two three", " ".join(["long"] * 50),
+              "beta", " ".join(["long"] * 50), "alpha body one two three"]
+    fresh = joins.TokenizedBlocks.from_lists([[] for _ in bodies], tok.tokenize(bodies), tok)
+    np.testing.assert_array_equal(
+        joins.join_mlm(q.input_ids, q.lengths, fresh, np.arange(6).reshape(2, 3), 24).input_ids,
+        j.input_ids)
 
 
 def test_reader_join_and_answer_spans(tok, tokenized):

@@ -17,6 +17,7 @@ from realm_jax.data.joins import tokenize_corpus
 from realm_jax.data.pipeline import to_global
 from realm_jax.tasks import make_task
 from realm_jax.tasks.ict import MASKED_LOGIT, Ict, in_batch_loss
+from realm_jax.testing.tasks import towers_of
 from realm_jax.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,7 +244,7 @@ def test_ict_workdir_starts_realms_retriever(ict_run, eight_devices):
     work, _, resumed = ict_run
     config = defaults.load_config(os.path.join(ROOT, "configs/tiny.py"),
                                   {"init.embedder_path": str(work)})
-    towers = initialize.towers_for(config)
+    towers = towers_of(config)
     mesh = sharding.make_mesh(dict(config.mesh))
     params, _ = initialize.initial_params(config, towers, mesh)
     ict = jax.device_get(resumed.params["embedder"])

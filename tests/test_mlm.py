@@ -17,6 +17,7 @@ from realm_jax.data import mlm as mlm_data
 from realm_jax.data.joins import tokenize_corpus
 from realm_jax.tasks.mlm import Mlm
 from realm_jax.testing import hf_reference as ref
+from realm_jax.testing.tasks import towers_of
 from realm_jax.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,7 +287,7 @@ def test_realm_starts_from_the_mlm_encoder(mlm_run, eight_devices):
     path = os.path.join(ROOT, "configs/tiny.py")
     realm = defaults.load_config(path, {"init.path": str(base / "straight")})
     assert realm.task == "realm_mlm"
-    params, _ = initialize.initial_params(realm, initialize.towers_for(realm), mesh8())
+    params, _ = initialize.initial_params(realm, towers_of(realm), mesh8())
     assert leaves_equal(params["encoder"], trained)
     for head in ("transform", "transform_norm", "output_bias"):
         assert leaves_equal(params["encoder"][head], trained[head]), head

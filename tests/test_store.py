@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from realm_jax.retrieval import store
+from realm_jax.retrieval import durable, store
 from realm_jax.retrieval.watcher import IndexWatcher
 
 N, DIM = 16, 8
@@ -208,7 +208,7 @@ def test_publishing_behind_a_latest_that_names_a_missing_version_says_so(tmp_pat
 def test_watcher_keeps_old_version_on_failure_then_swaps(tmp_path):
     store.publish(tmp_path, 1, _emb(1), keep=5)
     w = IndexWatcher(tmp_path, start=False, max_attempts=2)
-    assert w.maybe_swap() is None and w.current is None and w.staleness_steps(5) is None
+    assert w.maybe_swap() is None and w.current is None
     assert w.poll_once() is True
     assert w.current is None  # loaded, but not swapped until the trainer asks
     assert w.maybe_swap().step == 1 and w.current.step == 1
@@ -223,12 +223,12 @@ def test_watcher_keeps_old_version_on_failure_then_swaps(tmp_path):
     for _ in range(3):
         assert w.poll_once() is False
     assert w.failures == 2  # ... then it gives up on v2 instead of retrying forever
-    assert w.staleness_steps(10) == 9
+    assert w.current.step == 1
 
     store.publish(tmp_path, 3, _emb(3), keep=5)
     assert w.poll_once() is True
     v3 = w.maybe_swap()
-    assert v3.step == 3 and w.current is v3 and w.staleness_steps(10) == 7
+    assert v3.step == 3 and w.current is v3
     np.testing.assert_array_equal(v3.embeddings, _emb(3))
 
 
@@ -260,7 +260,7 @@ def test_watcher_thread_wait_for_and_timeout(tmp_path):
 
         store.publish(tmp_path, 1, _emb(1))
         assert w.wait_for(1, timeout_s=5.0).step == 1
-        assert w.staleness_steps(4) == 3
+        assert w.current.step == 1
 
         timer = threading.Timer(0.2, lambda: store.publish(tmp_path, 10, _emb(10)))
         timer.start()
@@ -268,7 +268,7 @@ def test_watcher_thread_wait_for_and_timeout(tmp_path):
         assert w.wait_for(8, timeout_s=10.0).step == 10
         assert time.monotonic() - t0 < 5.0
         timer.join()
-        assert w.current.step == 10 and w.staleness_steps(12) == 2
+        assert w.current.step == 10
         thread = w._thread
     assert not thread.is_alive()
 
@@ -389,7 +389,7 @@ def test_crash_between_rename_and_latest_then_republish(tmp_path, monkeypatch):
 
 def test_object_store_code_path(tmp_path, monkeypatch):
     """The gs:// route (copy, meta.json last, LATEST written directly), run on a local dir."""
-    monkeypatch.setattr(store, "_is_local", lambda path: False)
+    monkeypatch.setattr(durable, "is_local", lambda path: False)
     for step in (1, 2, 3):
         store.publish(tmp_path, step, _emb(step), write_extra=_scann_writer, keep=2)
     assert store.list_steps(tmp_path) == [3, 2]

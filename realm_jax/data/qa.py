@@ -155,14 +155,6 @@ class QaSet:
     def __getitem__(self, i: int) -> dict[str, Any]:
         return _qa_record(self.source[int(i)])
 
-    def score(self, predictions: Sequence[str]) -> float:
-        """Mean exact match (or regex match) of one prediction per example, in order."""
-        if len(predictions) != len(self):
-            raise ValueError(f"{len(predictions)} predictions for {len(self)} questions")
-        hits = [answer_match(p, self[i]["answers"], self.is_regex)
-                for i, p in enumerate(predictions)]
-        return float(np.mean(hits)) if hits else 0.0
-
 
 def _qa_record(r: Mapping[str, Any]) -> dict[str, Any]:
     answers = r.get("answers", r.get("answer"))

@@ -7,8 +7,10 @@ The four sequence layouts of REALM (DESIGN §1), each truncated to its configure
 
   query        [CLS] q [SEP]                      `encode_queries`            (96 in pre-training)
   block        [CLS] title [SEP] body [SEP]       `encode_blocks`             (288)
-  MLM join     [CLS] masked q [SEP] body [SEP]    `encode_mlm_join`  (384; fast: joins.join_mlm)
-  reader join  [CLS] q [SEP] block [SEP]          `encode_reader_join` (320; joins.join_reader)
+  MLM join     [CLS] masked q [SEP] body [SEP]    `joins.join_mlm`            (384)
+  reader join  [CLS] q [SEP] block [SEP]          `joins.join_reader`         (320)
+
+(The joins gather pre-tokenised blocks, `joins.TokenizedBlocks`, which build on this module.)
 
 Segment (token type) ids are 1 from the first token after the first [SEP] through the last
 [SEP], as BERT's sentence pairs. The special tokens are not registered with `tokenizers`, so a
@@ -20,14 +22,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 from etils import epath
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-if TYPE_CHECKING:
-    from realm_jax.data import joins
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # Lone UTF-16 surrogates (e.g. from a JSON "\ud800" escape) cannot be encoded as UTF-8.
@@ -238,65 +236,6 @@ class WordPiece:
         ids, mask, types = pack_rows(t_out, b_out, max_length, self.cls_id, self.sep_id,
                                      self.pad_id)
         return Encoded(ids, mask, types, cut)
-
-    def null_block(self, max_length: int) -> Encoded:
-        """The null document `[CLS] [SEP] [SEP]` as one row [1, max_length] (segment 0 0 1)."""
-        return self.encode_block_ids([[]], [[]], max_length)
-
-    def encode_mlm_join(
-        self,
-        masked_query_ids: np.ndarray,
-        block_bodies: Sequence[Sequence[str]],
-        max_length: int,
-    ) -> Encoded:
-        """`[CLS] masked q [SEP] body [SEP]` for K bodies per query → [B, K, max_length].
-
-        Args:
-          masked_query_ids: [B, Lq] `[CLS] q [SEP] [PAD]…` rows (as the pre-training batch's
-            `query_ids`); the query occupies the same positions in all K rows, so the batch's
-            `mlm_positions` index the join unchanged.
-          block_bodies: B lists of K body strings ("" = the null document).
-          max_length: L, e.g. 96 + 288 = 384.
-        For many queries against a fixed corpus use `joins.join_mlm` with `tokenize_corpus`.
-        """
-        from realm_jax.data import joins  # noqa: F811  (joins builds on this module)
-
-        bodies, ids = self._ragged_bodies(block_bodies)
-        return joins.join_mlm(masked_query_ids, _lengths(masked_query_ids, self.pad_id),
-                              bodies, ids, max_length)
-
-    def encode_reader_join(
-        self, questions: Sequence[str], blocks: Sequence[Sequence[str]], max_length: int,
-        question_length: int = 64,
-    ) -> joins.ReaderInputs:
-        """`[CLS] q [SEP] block [SEP]` for K blocks per question → joins.ReaderInputs [B, K, L].
-
-        The question keeps at most `question_length` tokens including [CLS] and [SEP].
-        """
-        from realm_jax.data import joins  # noqa: F811
-
-        q = self.encode_queries(questions, question_length)
-        bodies, ids = self._ragged_bodies(blocks)
-        return joins.join_reader(q.input_ids, q.lengths, bodies, ids, max_length)
-
-    def _ragged_bodies(self, block_bodies: Sequence[Sequence[str]]):
-        from realm_jax.data import joins  # noqa: F811
-
-        k = max(len(row) for row in block_bodies)
-        if any(len(row) != k for row in block_bodies):
-            raise ValueError("every query needs the same number of candidate blocks")
-        flat = [t for row in block_bodies for t in row]
-        tokens = self.tokenize(flat)
-        blocks = joins.TokenizedBlocks.from_lists([[] for _ in flat], tokens, self)
-        ids = np.arange(len(flat), dtype=np.int64).reshape(len(block_bodies), k)
-        return blocks, ids
-
-
-def _lengths(ids: np.ndarray, pad_id: int) -> np.ndarray:
-    """True length of each `[CLS] … [SEP] [PAD]…` row: index of the last non-pad token + 1."""
-    nonpad = np.asarray(ids) != pad_id
-    return np.where(nonpad.any(-1), ids.shape[-1] - np.argmax(nonpad[..., ::-1], -1), 0).astype(
-        np.int32)
 
 
 def _truncate_pair(a: Sequence[int], b: Sequence[int] | None, budget: int):

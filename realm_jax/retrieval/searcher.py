@@ -1,9 +1,9 @@
-"""A published index version made searchable, and REALM's candidate selection on top of it.
+"""A published index version made searchable: exact on device or ScaNN on the host.
 
 Training and inference both hold one `Searcher` over the current `IndexVersion`: exact search
 on device (the table sharded over all devices, `mips.ExactIndex`) or ScaNN on the host when the
-config asks for it and the version carries ScaNN files. `realm_candidates` turns raw top-k ids
-into the k candidates of a pre-training step (trivial retrievals dropped, null document first).
+config asks for it and the version carries ScaNN files. (What a task makes of the ids — REALM's
+candidates, ORQA's reader beam — is the task's: `tasks/`.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from realm_jax.data.joins import NULL_BLOCK
 from realm_jax.retrieval import mips
 from realm_jax.retrieval.store import IndexVersion
 
@@ -78,35 +77,3 @@ def open_searcher(
         rules=tuple(tuple(x) for x in config.rules),
     )
     return Searcher(version, "exact", index)
-
-
-def realm_candidates(
-    ids: np.ndarray, source_hashes: np.ndarray, block_hashes: np.ndarray, k: int
-) -> np.ndarray:
-    """Raw search results → the k candidates of a pre-training step, null document first.
-
-    Prohibits trivial retrievals (DESIGN §1): a retrieved block whose uid equals the query's
-    source block's uid is dropped (comparing uids, not indices, also drops duplicates of it).
-
-    Args:
-      ids: [B, k - 1 + extra] search results, best first.
-      source_hashes: [B] int64 uid hash of each query's own block (`Uids.hashes()`), or any
-        value not in `block_hashes` (e.g. 0) when the query has no source block.
-      block_hashes: [N] int64 uid hashes of the corpus.
-      k: candidates kept, including the null document.
-
-    Returns:
-      [B, k] int32 block ids; column 0 is `NULL_BLOCK` (−1). If fewer than k − 1 results
-      survive, the row is padded with further null documents, which the marginal treats
-      as ordinary (uninformative) candidates.
-    """
-    ids = np.asarray(ids, np.int64)
-    b = ids.shape[0]
-    trivial = block_hashes[ids] == np.asarray(source_hashes, np.int64)[:, None]  # [B, R]
-    # Stable sort on the drop flag keeps the search order among the survivors.
-    order = np.argsort(trivial, axis=1, kind="stable")
-    kept = np.take_along_axis(ids, order, 1)
-    kept = np.where(np.take_along_axis(trivial, order, 1), NULL_BLOCK, kept)[:, : k - 1]
-    if kept.shape[1] < k - 1:
-        kept = np.pad(kept, ((0, 0), (0, k - 1 - kept.shape[1])), constant_values=NULL_BLOCK)
-    return np.concatenate([np.full((b, 1), NULL_BLOCK), kept], axis=1).astype(np.int32)

@@ -39,22 +39,21 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
 import re
-import shutil
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 from etils import epath
+
+from realm_jax.retrieval import durable
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,6 @@ STORED_DTYPES = {"float32": np.dtype("<f4"), "bfloat16": np.dtype("<u2")}
 # Keys publish writes itself; a caller's meta may not shadow them.
 RESERVED_META = ("format", "step", "num_blocks", "dim", "dtype", "files", "created")
 
-_CHUNK = 1 << 22
 _VERSION_RE = re.compile(r"v(\d+)")
 # Staging dirs this process is writing right now: `prune` never deletes them, whatever their age.
 _ACTIVE_STAGING: set[str] = set()
@@ -114,12 +112,7 @@ class IndexVersion:
         return int(self.embeddings.shape[1])
 
 
-# --------------------------------------------------------------------------- filesystem helpers
-
-
-def _is_local(path: epath.Path) -> bool:
-    """Local paths get fsync and atomic renames; `scheme://` paths take the copy route."""
-    return "://" not in str(path)
+# --------------------------------------------------------------------------- layout
 
 
 def _index_dir(workdir: PathLike) -> epath.Path:
@@ -133,103 +126,6 @@ def _version_name(step: int) -> str:
 def version_path(workdir: PathLike, step: int) -> epath.Path:
     """WORKDIR/index/v<step> (whether or not it exists)."""
     return _index_dir(workdir) / _version_name(step)
-
-
-def _fsync_dir(path: epath.Path) -> None:
-    """Makes a rename or a new entry in `path` durable (POSIX needs the directory fsynced)."""
-    fd = os.open(os.fspath(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _rmtree(path: epath.Path) -> None:
-    """Deletes a tree, tolerating a concurrent deleter (another prune) removing parts of it."""
-    if not _is_local(path):
-        path.rmtree(missing_ok=True)
-        return
-
-    def ignore_missing(func: Any, p: str, exc: Any) -> None:
-        err = exc[1] if isinstance(exc, tuple) else exc
-        if not isinstance(err, FileNotFoundError):
-            raise err
-
-    if not os.path.lexists(os.fspath(path)):
-        return
-    if not os.path.isdir(os.fspath(path)) or os.path.islink(os.fspath(path)):
-        path.unlink(missing_ok=True)
-    elif sys.version_info >= (3, 12):
-        shutil.rmtree(os.fspath(path), onexc=ignore_missing)
-    else:
-        shutil.rmtree(os.fspath(path), onerror=ignore_missing)
-
-
-def _walk_files(root: epath.Path) -> Iterator[tuple[str, epath.Path]]:
-    """Yields (posix path relative to root, path) for every file under root, sorted."""
-    for entry in sorted(root.iterdir(), key=lambda p: p.name):
-        if entry.is_dir():
-            for rel, p in _walk_files(entry):
-                yield f"{entry.name}/{rel}", p
-        else:
-            yield entry.name, entry
-
-
-def _write_durable(path: epath.Path, write: Callable[[Any], None]) -> None:
-    """Opens `path` for writing, calls `write(f)`, and on local disks fsyncs before returning."""
-    if _is_local(path):
-        with open(os.fspath(path), "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    else:
-        with path.open("wb") as f:
-            write(f)
-
-
-def _sha256_file(f: Any) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
-    while chunk := f.read(_CHUNK):
-        h.update(chunk)
-        n += len(chunk)
-    return h.hexdigest(), n
-
-
-def _manifest(staging: epath.Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every staged file; on local disks also fsyncs each file and dir."""
-    files = {}
-    for rel, path in _walk_files(staging):
-        if _is_local(path):
-            with open(os.fspath(path), "rb") as f:
-                digest, size = _sha256_file(f)
-                os.fsync(f.fileno())
-        else:
-            with path.open("rb") as f:
-                digest, size = _sha256_file(f)
-        files[rel] = {"sha256": digest, "bytes": size}
-    if _is_local(staging):
-        for dirpath, _, _ in os.walk(os.fspath(staging)):
-            _fsync_dir(epath.Path(dirpath))
-    return files
-
-
-def _newest_mtime(path: epath.Path) -> float | None:
-    """Newest modification time of `path` and everything under it; None if unknown or gone."""
-    try:
-        if _is_local(path):
-            newest = os.lstat(os.fspath(path)).st_mtime
-            for dirpath, dirnames, filenames in os.walk(os.fspath(path)):
-                for name in dirnames + filenames:
-                    try:
-                        newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
-                    except FileNotFoundError:
-                        pass
-            return newest
-        paths = [p for _, p in _walk_files(path)] if path.is_dir() else [path]
-        mtimes = [p.stat().mtime for p in paths]
-        return max(mtimes) if mtimes and min(mtimes) > 0 else None
-    except FileNotFoundError:
-        return None
 
 
 # --------------------------------------------------------------------------- LATEST
@@ -255,16 +151,16 @@ def _write_latest(index: epath.Path, step: int) -> None:
     """Points LATEST at v<step>: atomic replace locally, one object PUT on object stores."""
     latest = index / LATEST
     data = f"{_version_name(step)}\n".encode()
-    if not _is_local(index):
+    if not durable.is_local(index):
         latest.write_bytes(data)  # a single object write is atomic on GCS / S3
         return
     tmp = index / f"{TMP_PREFIX}{LATEST}-{uuid.uuid4().hex}"
     try:
-        _write_durable(tmp, lambda f: f.write(data))
+        durable.write_durable(tmp, lambda f: f.write(data))
         os.replace(os.fspath(tmp), os.fspath(latest))
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(index)
+    durable.fsync_dir(index)
 
 
 def latest_step(workdir: PathLike) -> int | None:
@@ -317,22 +213,22 @@ def _to_storable(embeddings: Any) -> tuple[np.ndarray, str]:
 def _install(staging: epath.Path, final: epath.Path, files: Mapping[str, Any]) -> None:
     """Makes the staged version visible as `final` (still unreferenced until LATEST moves)."""
     index = final.parent
-    if _is_local(final):
+    if durable.is_local(final):
         if final.exists():  # left by a crash between this rename and the LATEST update
             trash = index / f"{TMP_PREFIX}{uuid.uuid4().hex}"
             os.rename(os.fspath(final), os.fspath(trash))
-            _rmtree(trash)
+            durable.rmtree(trash)
         os.rename(os.fspath(staging), os.fspath(final))
-        _fsync_dir(index)
+        durable.fsync_dir(index)
         return
     # Object store: no directory rename. Copy, meta.json last, so a v<step> without meta.json
     # is visibly unfinished; readers still only follow LATEST, which is written after this.
-    _rmtree(final)
+    durable.rmtree(final)
     for rel in [*(r for r in files if r != META), META]:
         dst = final / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         (staging / rel).copy(dst, overwrite=True)
-    _rmtree(staging)
+    durable.rmtree(staging)
 
 
 def publish(
@@ -399,10 +295,10 @@ def publish(
         _ACTIVE_STAGING.add(os.fspath(staging))
     try:
         staging.mkdir()
-        _write_durable(staging / EMBEDDINGS, lambda f: np.save(f, array, allow_pickle=False))
+        durable.write_durable(staging / EMBEDDINGS, lambda f: np.save(f, array, allow_pickle=False))
         if write_extra is not None:
             write_extra(staging)
-        files = _manifest(staging)
+        files = durable.manifest(staging)
         if META in files:
             raise ValueError(f"write_extra wrote {staging / META}: that name is reserved")
         full_meta = {
@@ -416,15 +312,15 @@ def publish(
             **user_meta,
         }
         payload = json.dumps(full_meta, indent=1, sort_keys=True).encode()
-        _write_durable(staging / META, lambda f: f.write(payload))
-        if _is_local(staging):
-            _fsync_dir(staging)
+        durable.write_durable(staging / META, lambda f: f.write(payload))
+        if durable.is_local(staging):
+            durable.fsync_dir(staging)
         _install(staging, final, {**files, META: None})
         _write_latest(index, step)
     finally:
         with _ACTIVE_LOCK:
             _ACTIVE_STAGING.discard(os.fspath(staging))
-        _rmtree(staging)  # no-op after a successful install; frees disk after a failure
+        durable.rmtree(staging)  # no-op after a successful install; frees disk after a failure
     log.info("published index %s (%d x %d %s)", final, array.shape[0], array.shape[1], dtype_name)
     prune(workdir, keep, tmp_grace_s=tmp_grace_s)
     return final
@@ -460,15 +356,15 @@ def prune(
         for i, (step, path) in enumerate(_list_versions(index)):
             if i < keep or step == live:
                 continue
-            if _is_local(path):
+            if durable.is_local(path):
                 trash = index / f"{TMP_PREFIX}{uuid.uuid4().hex}"
                 try:
                     os.rename(os.fspath(path), os.fspath(trash))
                 except FileNotFoundError:  # a concurrent prune got there first
                     continue
-                _rmtree(trash)
+                durable.rmtree(trash)
             else:
-                _rmtree(path)
+                durable.rmtree(path)
             removed.append(path)
     now = time.time()
     for entry in index.iterdir():
@@ -477,9 +373,9 @@ def prune(
         with _ACTIVE_LOCK:
             if os.fspath(entry) in _ACTIVE_STAGING:
                 continue
-        newest = _newest_mtime(entry)
+        newest = durable.newest_mtime(entry)
         if newest is not None and now - newest >= tmp_grace_s:
-            _rmtree(entry)
+            durable.rmtree(entry)
             removed.append(entry)
     if removed:
         log.info("pruned %s", ", ".join(p.name for p in removed))
@@ -540,7 +436,7 @@ def _check_expect(
 
 def _open_listed(path: epath.Path, meta_path: epath.Path) -> Any:
     try:
-        return open(os.fspath(path), "rb") if _is_local(path) else path.open("rb")
+        return open(os.fspath(path), "rb") if durable.is_local(path) else path.open("rb")
     except FileNotFoundError:
         raise IndexStoreError(
             f"{path}: listed in {meta_path} but missing (torn or deleted version)"
@@ -548,7 +444,7 @@ def _open_listed(path: epath.Path, meta_path: epath.Path) -> Any:
 
 
 def _verify(f: Any, path: epath.Path, meta_path: epath.Path, entry: Mapping[str, Any]) -> None:
-    digest, size = _sha256_file(f)
+    digest, size = durable.sha256_file(f)
     if size != entry["bytes"]:
         raise IndexStoreError(
             f"{path}: {size} bytes, but {meta_path} says {entry['bytes']} (truncated or torn)"

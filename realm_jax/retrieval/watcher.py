@@ -97,11 +97,6 @@ class IndexWatcher:
         with self._lock:
             return self._last_error
 
-    def staleness_steps(self, train_step: int) -> int | None:
-        """train_step − index step (log as `index/staleness_steps`); None before any index."""
-        current = self.current
-        return None if current is None else train_step - current.step
-
     # -- polling -------------------------------------------------------------------------------
 
     def _meta_key(self, step: int) -> tuple[int, str]:

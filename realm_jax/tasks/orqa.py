@@ -134,7 +134,7 @@ class Orqa(Task):
     def evaluate(self, params: PyTree, searcher: Searcher, fresh: bool = False
                  ) -> dict[str, float]:
         """Exact match (and answer recall) on the eval split with the inference path."""
-        from realm_jax.evaluate import evaluate as evaluate_qa
+        from realm_jax.evaluation import evaluate as evaluate_qa
         from realm_jax.inference import Realm
 
         c = self.config.eval

@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from realm_jax.data import loaders
-from realm_jax.data.joins import blocks_with_answer, join_mlm
+from realm_jax.data.joins import NULL_BLOCK, blocks_with_answer, join_mlm
 from realm_jax.data.pipeline import PretrainBatcher, mesh_shard, pretrain_dataset, to_global
 from realm_jax.models import Embedder, KnowledgeAugEncoder
 from realm_jax.models.embedder import relevance_scores
 from realm_jax.models.losses import candidate_log_likelihood, realm_loss, score_scale
-from realm_jax.retrieval.searcher import Searcher, realm_candidates
+from realm_jax.retrieval.searcher import Searcher
 from realm_jax.tasks.common import (
     PyTree,
     Task,
@@ -294,3 +294,35 @@ class RealmMlm(Task):
         if rows:
             out.update(heldout_gold_gain=gain / rows, heldout_teacher_gold_first=first / rows)
         return out
+
+
+def realm_candidates(
+    ids: np.ndarray, source_hashes: np.ndarray, block_hashes: np.ndarray, k: int
+) -> np.ndarray:
+    """Raw search results → the k candidates of a pre-training step, null document first.
+
+    Prohibits trivial retrievals (DESIGN §1): a retrieved block whose uid equals the query's
+    source block's uid is dropped (comparing uids, not indices, also drops duplicates of it).
+
+    Args:
+      ids: [B, k - 1 + extra] search results, best first.
+      source_hashes: [B] int64 uid hash of each query's own block (`Uids.hashes()`), or any
+        value not in `block_hashes` (e.g. 0) when the query has no source block.
+      block_hashes: [N] int64 uid hashes of the corpus.
+      k: candidates kept, including the null document.
+
+    Returns:
+      [B, k] int32 block ids; column 0 is `NULL_BLOCK` (−1). If fewer than k − 1 results
+      survive, the row is padded with further null documents, which the marginal treats
+      as ordinary (uninformative) candidates.
+    """
+    ids = np.asarray(ids, np.int64)
+    b = ids.shape[0]
+    trivial = block_hashes[ids] == np.asarray(source_hashes, np.int64)[:, None]  # [B, R]
+    # Stable sort on the drop flag keeps the search order among the survivors.
+    order = np.argsort(trivial, axis=1, kind="stable")
+    kept = np.take_along_axis(ids, order, 1)
+    kept = np.where(np.take_along_axis(trivial, order, 1), NULL_BLOCK, kept)[:, : k - 1]
+    if kept.shape[1] < k - 1:
+        kept = np.pad(kept, ((0, 0), (0, k - 1 - kept.shape[1])), constant_values=NULL_BLOCK)
+    return np.concatenate([np.full((b, 1), NULL_BLOCK), kept], axis=1).astype(np.int32)

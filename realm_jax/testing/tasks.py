@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from realm_jax import defaults, initialize
+from realm_jax import defaults, initialize, sharding
 from realm_jax.data.joins import tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
 from realm_jax.retrieval import mips, store
@@ -26,3 +26,8 @@ def task_with_random_index(config: Any, mesh: Any, index_dir: str, seed: int = 0
     table = np.random.default_rng(seed).normal(size=(len(corpus), d)).astype(np.float32)
     version = store.IndexVersion(0, table, {}, epath.Path(index_dir))
     return task, params, Searcher(version, "exact", mips.ExactIndex.build(table, mesh))
+
+
+def towers_of(config: Any) -> tuple[str, ...]:
+    """The towers `config`'s task trains (its `Task.towers`, the one place that says so)."""
+    return make_task(config, sharding.make_mesh(dict(config.mesh)), None, None, None).towers
