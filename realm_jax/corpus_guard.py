@@ -15,6 +15,9 @@ order) when it starts, and on every later start in that workdir:
 
 A workdir with nothing to resume yet (no checkpoint, no index) just takes the new record: a
 first run that failed on a wrong corpus can be re-run on the right one.
+
+A run that starts from another run's checkpoint (`config.resume`) takes that run's data
+position too, so `check_source` holds it to the same rule against the source's record.
 """
 
 from __future__ import annotations
@@ -132,3 +135,36 @@ def check(workdir: epath.PathLike, corpus: BlockCorpus, allow_change: bool = Fal
                                        "the corpus (its log says why)")
     multihost.barrier("realm_corpus_checked")  # the old index is aside before anyone reads it
     return status == _CHANGED
+
+
+def check_source(source: epath.PathLike, corpus: BlockCorpus, allow_change: bool = False
+                 ) -> bool:
+    """Whether `config.resume`'s run (`source`) trained on `corpus`, whose data position the
+    new run would continue. Read-only: the source is another run's.
+
+    Returns:
+      True when its corpus differs and `allow_change` lets it: the caller starts its data
+      position from the first batch. False when it is the same, or the source has no record
+      (it predates them: logged, not checked).
+
+    Raises:
+      CorpusChanged: the corpus differs and `allow_change` is False.
+    """
+    path = record_path(source)
+    if not path.exists():
+        log.info("config.resume=%s has no %s: its corpus is not checked", source, RECORD)
+        return False
+    old = json.loads(path.read_text())
+    if old.get("fingerprint") == corpus.fingerprint:
+        return False
+    was = _describe(old["fingerprint"], old.get("num_blocks", -1), old.get("description"))
+    now = _describe(corpus.fingerprint, len(corpus), corpus.description)
+    if not allow_change:
+        raise CorpusChanged(
+            f"{path}: config.resume's run trained on corpus {was}, but data.corpus is {now}: "
+            "its checkpoint's data position belongs to the other blocks. Resume from a run on "
+            f"this corpus, or set {ALLOW_KEY}=True to keep its parameters and start the data "
+            "from the first batch")
+    log.warning("%s=True: config.resume's run trained on corpus %s, this one is %s; the data "
+                "position starts from the first batch", ALLOW_KEY, was, now)
+    return True

@@ -62,6 +62,7 @@ from realm_jax.retrieval.refresher import Refresher
 from realm_jax.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
+MIN_KEPT_CHECKPOINTS = 5  # train.keep_checkpoints below this is raised (said in the log)
 PyTree = Any
 
 
@@ -294,6 +295,9 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
     optimizer = optim.make_optimizer(c.train)
     params, opt_state, step, data_state, origin = init_state(c, workdir, task.towers, mesh,
                                                              optimizer)
+    if origin == "resume":  # another run's data position: of its corpus, if that is this one
+        new_corpus = corpus_guard.check_source(
+            c.resume, corpus, bool(c.data.get("allow_corpus_change", False))) or new_corpus
     if new_corpus and data_state:  # allowed: its position in the old corpus means nothing
         data_state = None
     # Only now: a config whose model does not fit the checkpoints must not replace theirs.
@@ -307,8 +311,16 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
     # for any number of hosts, so the primary's copy in the checkpoint resumes them all.
     if data_state:
         data.set_state(data_state)
-    manager = checkpoints.checkpoint_manager(workdir, keep=max(c.train.keep_checkpoints, 5))
+    keep = int(c.train.keep_checkpoints)
+    if keep < MIN_KEPT_CHECKPOINTS:
+        log.warning("train.keep_checkpoints=%d raised to %d: the refresher embeds checkpoints "
+                    "behind the trainer, and a resume falls back past unreadable ones", keep,
+                    MIN_KEPT_CHECKPOINTS)
+    manager = checkpoints.checkpoint_manager(workdir, keep=max(keep, MIN_KEPT_CHECKPOINTS))
     mode = task.index_mode or c.refresh.mode
+    if mode != c.refresh.mode:
+        log.info("refresh.mode=%s does not apply: task %s needs index mode %r", c.refresh.mode,
+                 c.task, mode)
     needs_refresher = mode in ("frozen", "sync")
     refresher = Refresher(c, workdir, corpus=corpus, progress=progress) if needs_refresher else None
     live = LiveIndex(c, workdir, mesh, corpus_fp=corpus.fingerprint, refresher=refresher,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from realm_jax import checkpoints, defaults
-from realm_jax.corpus_guard import CorpusChanged, check, record_path
+from realm_jax.corpus_guard import CorpusChanged, check, check_source, record_path
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.loaders import load_corpus
 from realm_jax.retrieval import store
@@ -45,6 +45,21 @@ def test_another_corpus_is_refused_naming_both_and_the_record(tmp_path):
     assert f"data.corpus is now {NEW.fingerprint[:12]}… (2 blocks, " in message
     assert "data.allow_corpus_change=True" in message and "\n" not in message
     assert record_path(tmp_path).read_text() == before  # nothing written
+
+
+def test_a_resume_source_on_another_corpus_is_refused_unless_allowed(tmp_path):
+    source = tmp_path / "other_run"
+    source.mkdir()
+    assert check_source(source, NEW) is False  # no record (an older run): not checked
+    check(source, OLD)
+    (checkpoints.checkpoint_dir(source) / "5").mkdir(parents=True)
+    assert check_source(source, OLD) is False
+    with pytest.raises(CorpusChanged, match=r"config.resume's run trained on corpus "
+                       rf"{OLD.fingerprint[:12]}… \(2 blocks, .*data.corpus is "
+                       rf"{NEW.fingerprint[:12]}…"):
+        check_source(source, NEW)
+    assert check_source(source, NEW, allow_change=True) is True
+    assert json.loads(record_path(source).read_text())["fingerprint"] == OLD.fingerprint
 
 
 def test_an_allowed_change_moves_the_index_aside_and_records_the_new_corpus(tmp_path):
