@@ -51,7 +51,8 @@ def numeric_grad(f, x, eps=1e-5):
 
 @st.composite
 def mlm_case(draw):
-    b, k, m, v = (draw(st.integers(1, n)) for n in (3, 4, 4, 6))
+    # Each dim 1 (its edge case) or larger: few shapes, so op-by-op jax compiles few programs.
+    b, k, m, v = (draw(st.sampled_from((1, n))) for n in (3, 4, 4, 6))
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
     logits = rng.normal(scale=2.0, size=(b, k, m, v)).astype(np.float32)
