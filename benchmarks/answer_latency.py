@@ -49,6 +49,7 @@ import sys
 import time
 from typing import Any
 
+import bench_utils  # noqa: E402
 import numpy as np
 from bench_utils import cpu_busy_elsewhere, cpu_model
 from encoder_speed import MALLOC_MODES, pin_threads, set_malloc, thp_mode
@@ -92,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "orders of magnitude when they share cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DEFAULT_OUT)
-    args = p.parse_args(argv)
+    args = bench_utils.parse_args(p, argv)
     unknown = set(args.sizes.split(",")) - set(SIZES)
     if unknown:
         p.error(f"unknown size(s) {sorted(unknown)}; accepted: {sorted(SIZES)}")

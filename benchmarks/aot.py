@@ -66,7 +66,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="config override, e.g. --set model.bert.remat=true")
     p.add_argument("--arg", default="", help="config arg: tiny for a seconds-long smoke run")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/aot.json"))
-    return p.parse_args(argv)
+    return p.parse_args(argv)  # one-word flags: no spelling to normalise
 
 
 def parse_mesh(spec: str) -> dict[str, int]:

@@ -3,7 +3,9 @@ this directory on sys.path)."""
 
 from __future__ import annotations
 
+import argparse
 import platform
+import sys
 import time
 
 
@@ -33,3 +35,17 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None
+               ) -> argparse.Namespace:
+    """`parser.parse_args` taking `--flag_name` as well as `--flag-name`: every realm_jax
+    command spells its flags with underscores (absl), so a benchmark takes that spelling too."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fixed = []
+    for a in argv:
+        if a.startswith("--") and not a.startswith("---"):
+            name, eq, value = a[2:].partition("=")
+            a = "--" + name.replace("_", "-") + eq + value
+        fixed.append(a)
+    return parser.parse_args(fixed)

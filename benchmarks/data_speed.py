@@ -42,6 +42,7 @@ import tempfile
 import time
 from typing import Any
 
+import bench_utils  # noqa: E402
 import numpy as np
 from bench_utils import cpu_model
 
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-step", action="store_true")
     p.add_argument("--workdir", default=None, help="keep the generated files here")
     p.add_argument("--out", default=DEFAULT_OUT)
-    return p.parse_args(argv)
+    return bench_utils.parse_args(p, argv)
 
 
 def _timed(fn):

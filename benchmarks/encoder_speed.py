@@ -65,6 +65,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import bench_utils  # noqa: E402
 import numpy as np
 from bench_utils import cpu_busy_elsewhere, cpu_model
 
@@ -117,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=("embedder", "train_step"), default=None,
                    help="run one benchmark only")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
-    args = p.parse_args(argv)
+    args = bench_utils.parse_args(p, argv)
     if args.masked > args.seq_len // 2 - 1:
         p.error("--masked must fit in the first half of --seq-len")
     return args

@@ -76,6 +76,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import bench_utils  # noqa: E402
 import numpy as np
 from bench_utils import cpu_busy_elsewhere, cpu_model
 
@@ -131,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "suffix as --out)")
     p.add_argument("--jax-worker", default=None, help=argparse.SUPPRESS)  # internal
     p.add_argument("--jax-chunk-rows", type=int, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = bench_utils.parse_args(p, argv)
     if args.n is None:
         args.n = 1_000_000 if args.full else 100_000
     if args.clusters is None:

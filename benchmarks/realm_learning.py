@@ -44,6 +44,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import bench_utils  # noqa: E402
 from bench_utils import cpu_model  # noqa: E402
 
 from realm_jax import stages  # noqa: E402
@@ -206,7 +207,7 @@ def main() -> None:
     parser.add_argument("--refresh", default="sync", choices=["sync", "subprocess"])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every stage, e.g. train.batch_size=8")
-    args = parser.parse_args()
+    args = bench_utils.parse_args(parser)
     logging.basicConfig(level=logging.WARNING)
     overrides = {}
     for item in args.set:

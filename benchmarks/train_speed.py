@@ -86,6 +86,7 @@ import tempfile
 import time
 from typing import Any
 
+import bench_utils  # noqa: E402
 import numpy as np
 from bench_utils import cpu_busy_elsewhere, cpu_model
 
@@ -123,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="index workdirs (default: a temp dir)")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return bench_utils.parse_args(p, argv)
 
 
 def wait_for_idle(max_wait_s: float, threshold: float = 0.1) -> float:
