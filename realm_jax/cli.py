@@ -16,6 +16,7 @@ Flags are spelled with underscores (`--allow_pickle`), absl's style, in every co
 from __future__ import annotations
 
 import functools
+import logging as std_logging
 import os
 import re
 import sys
@@ -124,12 +125,34 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     return rest
 
 
+class _NoLibraryInfo:
+    """A logging filter: orbax's INFO lines out (a 3-step run logged ~160 of them, every
+    save and restore in its internal steps), its warnings and errors kept."""
+
+    def filter(self, record: Any) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def _quiet_libraries(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+    """`main` with `_NoLibraryInfo` on absl's logger (orbax logs through absl.logging),
+    unless --verbosity >= 1 (debug)."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str]) -> Any:
+        if logging.get_verbosity() < logging.DEBUG:
+            logging.get_absl_logger().addFilter(_NoLibraryInfo())
+        return main(argv)
+
+    return wrapped
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
     """`app.run(main)` the way every realm_jax command runs (module docstring), with XLA's
-    persistent compilation cache on (`compile_cache`)."""
+    persistent compilation cache on (`compile_cache`) and orbax's INFO lines out of the log
+    (`_NoLibraryInfo`)."""
     compile_cache.enable()
     try:
-        app.run(one_line_errors(main), flags_parser=parse_flags)
+        app.run(_quiet_libraries(one_line_errors(main)), flags_parser=parse_flags)
     except SystemExit as e:
         if isinstance(e.code, str) and e.code.startswith("error: "):
             _exit_now(e.code)

@@ -54,10 +54,17 @@ def reason(error: BaseException) -> str:
     return first if len(first) <= 160 else first[:157] + "..."
 
 
+_ABANDONED_READ = "_read_array_index_and_device_put"  # orbax's per-shard read coroutine
+
+
 def _is_closed_loop_report(report: Any) -> bool:
-    """A read orbax abandoned, completed by TensorStore after its event loop closed."""
-    return (report.object is None and isinstance(report.exc_value, RuntimeError)
-            and str(report.exc_value) == "Event loop is closed")
+    """A read orbax abandoned after another one failed: completed by TensorStore after its
+    event loop closed, or its coroutine closed unfinished when collected (GeneratorExit)."""
+    if report.object is None:
+        return (isinstance(report.exc_value, RuntimeError)
+                and str(report.exc_value) == "Event loop is closed")
+    return (getattr(report.object, "__qualname__", "") == _ABANDONED_READ
+            and isinstance(getattr(report.exc_value, "__cause__", None), GeneratorExit))
 
 
 def _drop_closed_loop_reports() -> None:

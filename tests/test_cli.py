@@ -107,3 +107,16 @@ def test_leftovers_of_a_reported_error_print_nothing_at_exit():
                           timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip() == "error: checkpoint 3 is unreadable", done.stderr
+
+
+def test_orbax_info_lines_are_dropped_its_warnings_and_ours_kept():
+    import logging as std_logging
+
+    def record(path: str, level: int) -> std_logging.LogRecord:
+        return std_logging.LogRecord("absl", level, path, 1, "m", None, None)
+
+    keep = cli._NoLibraryInfo().filter
+    site = "/venv/lib/python3.11/site-packages/orbax/checkpoint/_src/checkpoint_manager.py"
+    assert not keep(record(site, std_logging.INFO))
+    assert keep(record(site, std_logging.WARNING))
+    assert keep(record("/work/realm_jax/train.py", std_logging.INFO))

@@ -54,9 +54,14 @@ def test_closed_loop_reports_are_dropped_and_others_passed_on(monkeypatch):
     closed = SimpleNamespace(object=None, exc_value=RuntimeError("Event loop is closed"))
     other = SimpleNamespace(object=None, exc_value=RuntimeError("something else"))
     owned = SimpleNamespace(object=object(), exc_value=RuntimeError("Event loop is closed"))
-    for report in (closed, other, owned):
+    cut = Exception("Encountered error while reading array index")
+    cut.__cause__ = GeneratorExit()
+    abandoned = SimpleNamespace(object=SimpleNamespace(__qualname__=restore._ABANDONED_READ),
+                                exc_value=cut)
+    mine = SimpleNamespace(object=SimpleNamespace(__qualname__="my_coroutine"), exc_value=cut)
+    for report in (closed, other, owned, abandoned, mine):
         sys.unraisablehook(report)
-    assert seen == [other, owned]
+    assert seen == [other, owned, mine]
 
 
 @pytest.mark.slow
