@@ -137,16 +137,21 @@ def get_config(arg: str | None = None):
 
 
 def _scratch(c) -> None:
-    """The paper's setting in miniature: a 2-layer, 128-wide BERT with the released
-    retriever head (pooler → Dense(128) → LayerNorm), every tower from random init: the
-    encoder MLM-trained on the corpus, the retriever ICT-trained (blocks of 64 wordpieces
-    hold ~3 sentences, so ICT has a sentence to take out)."""
+    """The paper's setting in miniature: a 2-layer, 128-wide BERT, every tower from random
+    init: the encoder MLM-trained on the corpus, the retriever ICT-trained (blocks of 64
+    wordpieces hold ~3 sentences, so ICT has a sentence to take out).
+
+    The retriever head is mean pooling → Dense(128) → LayerNorm, not the released [CLS]
+    pooler: from random init the [CLS] pooler's ICT stayed at chance (in-batch accuracy 1/64,
+    loss log 64, fresh recall@5 0.00 after 400 steps, with or without score scaling), while
+    mean pooling reaches recall@5 0.98 in 100 steps with realm.score_scale=inv_sqrt_d (0.08
+    without: raw LayerNorm'd scores of ±tens of nats). Seed 0, 150 dev questions."""
     c.model.bert = dict(preset="tiny", vocab_size=30522, hidden_size=128, num_layers=2,
                         num_heads=2, intermediate_size=512, max_position_embeddings=128)
-    c.model.update(pooling="cls_pooler", proj_size=128, span_hidden_size=64, max_span_width=8)
+    c.model.update(pooling="mean", proj_size=128, span_hidden_size=64, max_span_width=8)
     c.init.update(path="", embedder_path="")
     c.data.update(block_len=64, reader_len=96)
-    c.realm.score_scale = "inv_sqrt_d"  # LayerNorm'd 128-d vectors: raw scores of ~±128
+    c.realm.score_scale = "inv_sqrt_d"  # LayerNorm'd 128-d vectors: raw scores of ~±128 (ICT too)
 
 
 def _scratch_steps(c, stage: str) -> None:

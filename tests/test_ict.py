@@ -147,6 +147,16 @@ def test_in_batch_loss_matches_numpy(eight_devices):
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
     assert float(metrics["ict_accuracy"]) == pytest.approx(want_acc)
 
+    # realm.score_scale scales ICT's scores as it scales REALM's.
+    scaled = make(ict_config(**{"model.embed_dropout": 0.0, "train.batch_size": 16,
+                                "realm.score_scale": "inv_sqrt_d"}))
+    d = config.model.proj_size or config.model.bert.hidden_size
+    assert scaled.score_scale == pytest.approx(d ** -0.5)
+    loss, _ = sharding.jit_sharded(scaled.loss, task.mesh, task.rules)(
+        params, to_global(inputs, task.mesh, task.rules), jax.random.key(0))
+    want_loss, _ = numpy_loss(embed("query") * d ** -0.5, embed("block"), inputs["block_index"])
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+
 
 def test_sharded_equals_single_device(eight_devices):
     config = ict_config(**{"train.batch_size": 16})

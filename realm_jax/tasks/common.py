@@ -35,6 +35,16 @@ def query_tower(params: dict[str, PyTree]) -> PyTree:
     return params["query_embedder"] if "query_embedder" in params else params["embedder"]
 
 
+def retrieval_scale(config: ml_collections.ConfigDict) -> float:
+    """The factor on the retriever's scores f(x, z) (`realm.score_scale`, see
+    `losses.score_scale`), for every task that trains the retriever on them: REALM and ICT."""
+    from realm_jax.models.losses import score_scale
+
+    cfg = defaults.model_config(config)
+    r = config.get("realm", {})  # resolved configs written before the section existed lack it
+    return score_scale(r.get("score_scale", "none"), cfg.proj_size or cfg.bert.hidden_size)
+
+
 def search_host_rows(searcher: Searcher, queries: HostQueries, k: int
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (ids, scores) [b, k] of this host's queries.

@@ -30,17 +30,14 @@ from realm_jax.data.ict import ict_dataset, nonempty_blocks
 from realm_jax.data.pipeline import mesh_shard
 from realm_jax.models import Embedder
 from realm_jax.retrieval.searcher import Searcher
-from realm_jax.tasks.common import (
-    PyTree,
-    Task,
-)
+from realm_jax.tasks.common import PyTree, Task, retrieval_scale
 
 # The score of a masked (duplicate) negative: exp() of it is 0 in float32, and unlike -inf it
 # keeps every intermediate of the softmax and its gradient finite.
 MASKED_LOGIT = -1e9
 
 
-def in_batch_loss(q: jax.Array, z: jax.Array, block_index: jax.Array
+def in_batch_loss(q: jax.Array, z: jax.Array, block_index: jax.Array, scale: float = 1.0
                   ) -> tuple[jax.Array, jax.Array]:
     """ICT's in-batch softmax: query i's positive is block i, the others are its negatives.
 
@@ -49,10 +46,11 @@ def in_batch_loss(q: jax.Array, z: jax.Array, block_index: jax.Array
       z: [B, d] block embeddings, row i the block query i was drawn from.
       block_index: [B] corpus index of each row's block; rows j ≠ i with the same index as row
         i are not negatives of query i (masked out of its softmax).
+      scale: the factor on q·z (`losses.score_scale`, the same as REALM's retriever scores).
     Returns:
       (mean cross-entropy [], in-batch accuracy [] = mean of argmax_j logits[i, j] == i).
     """
-    logits = jnp.einsum("id,jd->ij", q, z)  # [B, B]
+    logits = jnp.einsum("id,jd->ij", q, z) * scale  # [B, B]
     b = logits.shape[0]
     diagonal = jnp.eye(b, dtype=bool)
     duplicate = (block_index[:, None] == block_index[None, :]) & ~diagonal
@@ -75,6 +73,10 @@ class Ict(Task):
         self.block_len = int(c.data.block_len)
         self.mask_rate = float(c.ict.mask_rate)
         self.embedder = Embedder(self.cfg)
+        # One scale for the retriever's scores, in ICT as in REALM (realm.score_scale): with
+        # 128-d LayerNorm'd vectors raw in-batch logits start at ±tens of nats, and a random
+        # 2-layer BERT's ICT stayed at chance accuracy for 400 steps (loss above log B).
+        self.score_scale = retrieval_scale(c)
 
     @functools.cached_property
     def drawable(self) -> np.ndarray:
@@ -116,7 +118,7 @@ class Ict(Task):
                   rngs={"dropout": r_query})  # [B, d]
         z = embed(x["block_ids"], x["block_mask"], x["block_types"],
                   rngs={"dropout": r_block})  # [B, d]
-        loss, accuracy = in_batch_loss(q, z, x["block_index"])
+        loss, accuracy = in_batch_loss(q, z, x["block_index"], self.score_scale)
         return loss, {"ict_accuracy": accuracy}
 
     # ------------------------------------------------------------------ evaluation

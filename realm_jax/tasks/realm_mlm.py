@@ -26,12 +26,13 @@ from realm_jax.data.joins import NULL_BLOCK, blocks_with_answer, join_mlm
 from realm_jax.data.pipeline import PretrainBatcher, mesh_shard, pretrain_dataset, to_global
 from realm_jax.models import Embedder, KnowledgeAugEncoder
 from realm_jax.models.embedder import relevance_scores
-from realm_jax.models.losses import candidate_log_likelihood, realm_loss, score_scale
+from realm_jax.models.losses import candidate_log_likelihood, realm_loss
 from realm_jax.retrieval.searcher import Searcher
 from realm_jax.tasks.common import (
     PyTree,
     Task,
     query_tower,
+    retrieval_scale,
     search_host_rows,
 )
 
@@ -77,8 +78,7 @@ class RealmMlm(Task):
         self.embedder = Embedder(self.cfg)
         self.encoder = KnowledgeAugEncoder(self.cfg)
         r = c.get("realm", {})  # resolved configs written before the section existed lack it
-        self.score_scale = score_scale(r.get("score_scale", "none"),
-                                       self.cfg.proj_size or self.cfg.bert.hidden_size)
+        self.score_scale = retrieval_scale(c)
         self.retriever_loss = r.get("retriever_loss", "marginal")
         self.teacher_temperature = float(r.get("teacher_temperature", 1.0))
 
