@@ -5,7 +5,9 @@
 One loop for both tasks (realm_jax.tasks): between steps the host retrieves with the current
 index and builds the joins; the jitted, sharded step computes the task's marginal loss and
 applies AdamW. The index is kept fresh by `retrieval.live.LiveIndex` (refresh modes
-subprocess / external / sync; ORQA's is frozen).
+subprocess / external / sync; ORQA's is frozen). While the devices run step t the host loads
+step t+1's batch (one batch ahead: the same batches in the same order); retrieval waits for
+step t's query tower, as REALM's retrieval uses the current one.
 
 Resume order (STYLE 8): this workdir's newest checkpoint → `config.resume` (another run's
 workdir: its parameters, optimiser state, data position and step) → `config.init.path`
@@ -28,6 +30,7 @@ Host-side metrics (e.g. `gold_recall_at_k`) are averaged over hosts, the rest ar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -351,9 +354,9 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
         if step == 0 and c.eval.get("at_start", False):
             evaluate(0)  # the baseline the curve starts from (index v0, initial towers)
         t_last, steps_since = time.time(), 0
+        batch = next(data) if step < total else None
         while step < total:
             live.before_step(step, params)
-            batch = next(data)
             host_inputs, host_metrics = task.prepare(batch, params, live.searcher)
             host_metrics = _mean_over_hosts(host_metrics)
             inputs = to_global(host_inputs, mesh, task.rules)
@@ -361,6 +364,11 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
                 params = jax.tree.map(lambda x: x * jnp.nan, params)
             rng = jax.random.fold_in(jax.random.key(c.seed), step)
             params, opt_state, metrics = train_step(params, opt_state, inputs, rng)
+            # The step runs on the devices (dispatch is asynchronous) while the host loads the
+            # next batch (reading, masking); its retrieval and joins must wait for the new
+            # query tower. The checkpoint keeps the position after this step's batch.
+            data_state = copy.deepcopy(data.get_state())
+            batch = next(data) if step + 1 < total else None
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 raise FloatingPointError(
@@ -377,7 +385,7 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
             steps_since += 1
             history.append({"step": step, **metrics})
             if step % c.train.checkpoint_every == 0 or step == total:
-                checkpoints.save_train_state(manager, step, params, opt_state, data.get_state(),
+                checkpoints.save_train_state(manager, step, params, opt_state, data_state,
                                              {**meta, "index_step": live.index_step})
             if step % c.train.log_every == 0 or step == total:
                 now = time.time()
