@@ -112,9 +112,31 @@ def _check_configs_loaded() -> None:
                              f"{cause}") from None
 
 
+def _shipped_configs(argv: Sequence[str]) -> list[str]:
+    """`--config configs/x.py[:arg]` that does not exist from here → the configs this package
+    carries (`defaults.find_config`): commands work from any directory and from a wheel."""
+    from realm_jax import defaults
+
+    out = list(argv)
+    for i, a in enumerate(out):
+        value_at = i if a.startswith("--config=") else i + 1 if a == "--config" else None
+        if value_at is None or value_at >= len(out):
+            continue
+        prefix = "--config=" if value_at == i else ""
+        path, colon, arg = out[value_at][len(prefix):].partition(":")
+        if not os.path.exists(path):
+            try:
+                path = str(defaults.find_config(path))
+            except FileNotFoundError:
+                continue  # absl's loader names the missing file (`_check_configs_loaded`)
+            out[value_at] = f"{prefix}{path}{colon}{arg}"
+    return out
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
     """`app.run`'s flags parser: absl's, with one-line errors and help that exits 0."""
     _help_exits_zero()
+    argv = _shipped_configs(argv)
     try:
         rest = flags.FLAGS(list(argv))
     except flags.Error as e:

@@ -143,6 +143,39 @@ def model_config(config: ml_collections.ConfigDict) -> RealmModelConfig:
     return RealmModelConfig.from_dict(config.model.to_dict())
 
 
+def configs_dir() -> epath.Path | None:
+    """Where the experiment configs are: `configs/` of the source checkout this package runs
+    from, else the copy an installed wheel carries (setup.cfg data_files:
+    <prefix>/share/realm_jax/configs, or beside the package for `pip install --target`);
+    None if there is none."""
+    import site
+    import sys
+
+    package = epath.Path(__file__).parent
+    places = [package.parent / "configs"] + [
+        epath.Path(base) / "share" / "realm_jax" / "configs"
+        for base in (sys.prefix, package.parent, site.USER_BASE or "")]
+    return next((p for p in places if (p / "tiny.py").exists()), None)
+
+
+def find_config(path: str) -> epath.Path:
+    """`path` as given if it exists, else `configs/x.py` (or bare `x.py`) from `configs_dir`:
+    commands and the demo work from any directory and from an installed wheel.
+
+    Raises:
+      FileNotFoundError: neither exists (both places named).
+    """
+    file = epath.Path(path)
+    if file.exists():
+        return file
+    shipped = configs_dir()
+    name = file.name if file.parent.name in ("configs", "") else None
+    if shipped is not None and name and (shipped / name).exists():
+        return shipped / name
+    where = f" (nor {shipped / file.name})" if shipped is not None and name else ""
+    raise FileNotFoundError(f"config file {file} does not exist{where}")
+
+
 def load_config(
     spec: str, overrides: Mapping[str, Any] | None = None
 ) -> ml_collections.ConfigDict:
@@ -152,9 +185,7 @@ def load_config(
     `overrides` maps dotted keys to values ("train.steps": 3), like `--config.train.steps=3`.
     """
     path, _, arg = spec.partition(":")
-    file = epath.Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"config file {file} does not exist")
+    file = find_config(path)
     if file.suffix == ".json":
         return _apply(config_from_json(file), overrides, file)
     module_spec = importlib.util.spec_from_file_location(f"realm_config_{file.stem}", file)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -31,7 +30,6 @@ from etils import epath
 
 from realm_jax import defaults
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # ORQA from: the start's own weights, untouched ("start": MiniLM) / the warm starts without
 # REALM ("none": the paper's ORQA) / REALM with a refreshed index / with a never-refreshed one.
 ARMS = ("start", "none", "refresh", "norefresh")
@@ -40,7 +38,7 @@ READERS = ("realm", "start")
 
 def load(pipeline: str, stage: str, **overrides: Any) -> ml_collections.ConfigDict:
     """`configs/<pipeline>.py:<stage>` with dotted-key overrides."""
-    path = os.path.join(CONFIGS, f"{pipeline}.py")
+    path = str(defaults.find_config(f"configs/{pipeline}.py"))
     return defaults.load_config(f"{path}:{stage}" if stage else path, overrides)
 
 

@@ -217,3 +217,36 @@ def test_unknown_arg_is_an_error(name):
 def test_docstring_has_the_run_command(path):
     doc = ast.get_docstring(ast.parse(path.read_text())) or ""
     assert f"python -m realm_jax.train --config configs/{path.name}" in doc
+
+
+# --------------------------------------------------------------------------- an installed wheel
+@pytest.mark.slow
+def test_a_wheel_carries_the_configs_and_the_demo_runs_from_anywhere(tmp_path):
+    """`pip install .` (not editable): from another directory, every config loads by its
+    `configs/x.py` name, a command takes `--config configs/x.py`, and the demo answers --help."""
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--target", str(target), str(REPO)],
+                   check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    names = [p.name for p in CONFIGS]
+    check = (
+        "import realm_jax, sys; from realm_jax import defaults; "
+        f"assert realm_jax.__file__.startswith({str(target)!r}), realm_jax.__file__; "
+        f"[defaults.load_config('configs/' + n) for n in {names!r}]; "
+        "assert str(defaults.find_config('configs/tiny.py')).startswith("
+        f"{str(target)!r}); print('ok')")
+    run = functools.partial(subprocess.run, cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    loaded = run([sys.executable, "-c", check])
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "ok", loaded.stderr[-2000:]
+    demo = run([sys.executable, "-m", "realm_jax.demo", "--help"])
+    assert demo.returncode == 0 and "usage" in demo.stdout.lower(), demo.stderr[-2000:]
+    refresh = run([sys.executable, "-m", "realm_jax.refresh", "--config", "configs/tiny.py",
+                   "--workdir", str(tmp_path / "w"), "--once", "--timeout_s", "1",
+                   "--helpshort"])
+    assert refresh.returncode == 0, refresh.stderr[-2000:]
