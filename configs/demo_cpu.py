@@ -98,7 +98,7 @@ def get_config(arg: str | None = None):
     c.eval.update(every_steps=15, split="dev", recall_k=5, batch_size=64, at_start=True,
                   fresh_index=True, heldout_sentences=64)
     # The reader reads 2 blocks: cheap, and retrieval decides what it can answer.
-    c.orqa.update(searcher_beam_size=20, reader_beam_size=2, eval_every=0)
+    c.orqa.update(searcher_beam_size=20, reader_beam_size=2)
 
     if stage == "norefresh":
         # Ablation: the index built from the initial embedder stays in use for the whole run.

@@ -51,6 +51,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     batch = c.train.batch_size
     # 1,692 steps: evaluate and checkpoint about every 2.4 epochs.
     c.train.update(steps=math.ceil(EPOCHS * TRAIN_EXAMPLES / batch), checkpoint_every=200)
-    c.orqa.eval_every = 200
     c.eval.update(every_steps=200, split="dev")
     return c

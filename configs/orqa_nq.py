@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # batches of refresh.batch_size blocks over all devices; nothing re-embeds it afterwards.
     c.refresh.update(batch_size=1024, max_staleness_steps=0)
 
-    c.orqa.update(searcher_beam_size=5000, reader_beam_size=5, eval_every=5000)
+    c.orqa.update(searcher_beam_size=5000, reader_beam_size=5)
     c.train.update(batch_size=BATCH_SIZE, steps=math.ceil(EPOCHS * TRAIN_EXAMPLES / BATCH_SIZE),
                    lr=1e-5, weight_decay=0.01, grad_clip=1.0, checkpoint_every=1000,
                    keep_checkpoints=5, log_every=50, warmup_steps=-1)

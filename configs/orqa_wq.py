@@ -46,6 +46,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     batch = c.train.batch_size
     # 4,272 steps: evaluate and checkpoint about every 2.5 epochs.
     c.train.update(steps=math.ceil(EPOCHS * TRAIN_EXAMPLES / batch), checkpoint_every=500)
-    c.orqa.eval_every = 500
     c.eval.update(every_steps=500, split="dev")
     return c

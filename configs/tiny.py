@@ -26,5 +26,5 @@ def get_config(arg: str | None = None):
         c.retrieval.engine = "scann"
     c.refresh.update(mode="sync", every_steps=2, batch_size=16, keep=3, poll_interval_s=0.2)
     c.train.update(batch_size=8, steps=3, lr=1e-3, checkpoint_every=1, log_every=1)
-    c.orqa.update(searcher_beam_size=8, reader_beam_size=2, eval_every=2)
+    c.orqa.update(searcher_beam_size=8, reader_beam_size=2)
     return c

@@ -117,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     # ORQA fine-tuning.
     c.orqa = ml_collections.ConfigDict(dict(
-        searcher_beam_size=5000, reader_beam_size=5, eval_every=1000,
+        searcher_beam_size=5000, reader_beam_size=5,
     ))
     # Inverse Cloze Task (task="ict", tasks/ict.py), the retriever's warm start: a random
     # sentence of a block is the query, its block the positive among the batch's blocks.

@@ -396,7 +396,7 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
             logger.progress(1, {"loss": f"{metrics['loss']:.3f}",
                                 "stale": metrics.get("staleness_steps", "-"),
                                 "v": live.index_step})
-            every = c.eval.every_steps or (c.orqa.eval_every if c.task == "orqa" else 0)
+            every = c.eval.every_steps
             if (every and step % every == 0) or step == total:
                 evaluate(step)
         manager.wait_until_finished()
