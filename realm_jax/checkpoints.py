@@ -490,18 +490,14 @@ def save_train_state(
 def _load_run(workdir: epath.Path) -> tuple[RealmModelConfig, dict[str, Any]]:
     """The towers of a training run's newest checkpoint, as host numpy arrays (e.g. ORQA
     fine-tuning initialised from a pre-training workdir)."""
-    from realm_jax import defaults
+    from realm_jax import (
+        defaults,
+        restore,  # restore builds on this module: imported when used
+    )
 
     cfg = defaults.model_config(defaults.load_config(str(workdir / "config.json")))
-    manager = checkpoint_manager(workdir, read_only=True)
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{checkpoint_dir(workdir)} holds no checkpoint yet")
-        meta = restore_items(manager, step, {"meta": None})["meta"]
-        towers = restore_items(manager, step, {t: None for t in meta["towers"]})
-    finally:
-        manager.close()
+    with restore.reading(workdir) as manager:  # every tower, as saved, on the host
+        step, towers = restore.read_towers(manager, None, lambda saved: dict.fromkeys(saved))
     logging.info("loaded towers %s of %s step %d", sorted(towers), workdir, step)
     return cfg, jax.tree.map(np.asarray, towers)
 

@@ -6,6 +6,7 @@ failure names the path at fault and the command that makes what is missing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -90,45 +91,42 @@ def inference_mesh(config: ml_collections.ConfigDict):
 def restore_run(root: epath.Path, step: int | None, config, mesh) -> tuple[int, dict]:
     """The query tower (and the reader, if trained) of checkpoint `step`, sharded on `mesh`;
     an unreadable one is named with the steps that do load."""
-    manager = checkpoints.checkpoint_manager(root, read_only=True)
-    try:
+    with restore.reading(root) as manager:
         steps = sorted(manager.all_steps())
         if not steps:
             raise FileNotFoundError(
                 f"{checkpoints.checkpoint_dir(root)} holds no checkpoint yet: train first: "
                 f"{_run_cmd(root)}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
+        if step is not None and step not in steps:
             raise FileNotFoundError(f"{checkpoints.checkpoint_dir(root)} has no step {step}; "
                                     f"available: {steps}")
+        targets = functools.partial(_query_and_reader, config=config, mesh=mesh,
+                                    where=checkpoints.checkpoint_dir(root))
         try:
-            return step, _restore_towers(manager, step, config, mesh)
+            return restore.read_towers(manager, step, targets)
         except restore.CheckpointUnreadable as e:  # which would do, for --step
-            ok = [s for s in steps if s != step and _loads(manager, s, config, mesh)]
+            step = steps[-1] if step is None else step
+            ok = [s for s in steps if s != step and _loads(manager, s, targets)]
             hint = (f"the steps that load: {ok}: pass --step {ok[-1]}" if ok
                     else "no other step loads")
             raise restore.CheckpointUnreadable(f"{e}; {hint}") from None
-    finally:
-        manager.close()
 
 
-def _restore_towers(manager, step: int, config, mesh) -> dict:
-    meta = restore.restore_step(manager, step, {"meta": None})["meta"]
-    saved = set(meta.get("towers", ()))
+def _query_and_reader(saved: list[str], *, config, mesh, where: epath.Path) -> dict:
+    """Restore targets of what inference needs of the `saved` towers: the query tower (the
+    first of QUERY_TOWERS there) and the reader if there is one."""
     query = next((t for t in QUERY_TOWERS if t in saved), None)
     if query is None:
-        raise ValueError(f"checkpoint {restore.step_dir(manager, step)} has towers "
-                         f"{sorted(saved)}: no query tower ({' or '.join(QUERY_TOWERS)})")
+        raise ValueError(f"checkpoints in {where} have towers {sorted(saved)}: no query tower "
+                         f"({' or '.join(QUERY_TOWERS)})")
     towers = [query] + (["reader"] if "reader" in saved else [])
-    abstract = initialize.abstract_towers(defaults.model_config(config), towers, mesh,
-                                          tuple(config.rules))
-    return restore.restore_step(manager, step, abstract)
+    return initialize.abstract_towers(defaults.model_config(config), towers, mesh,
+                                      tuple(config.rules))
 
 
-def _loads(manager, step: int, config, mesh) -> bool:
+def _loads(manager, step: int, targets) -> bool:
     try:
-        _restore_towers(manager, step, config, mesh)
+        restore.read_towers(manager, step, targets)
     except restore.CheckpointUnreadable:
         return False
     return True

@@ -16,14 +16,19 @@ When one read fails, orbax's event loop closes with the other reads still in fli
 TensorStore completes them later and each completion reports `RuntimeError('Event loop is
 closed')` through `sys.unraisablehook`: dozens of tracebacks after the one line, in some runs
 and not others. `restore_step` drops exactly those (`_drop_closed_loop_reports`).
+
+Every read-only use of a workdir's checkpoints goes through `reading` (opened read-only,
+closed whatever happens) and, for towers, `read_towers`: the trainer's resume
+(`restore_newest`), a run loaded as pretrained weights, inference and the refresher.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -151,3 +156,40 @@ def restore_newest(manager: Any, items: Mapping[str, Any]
         return None
     raise CheckpointUnreadable(f"{first_error}; no checkpoint in {manager.directory} reads "
                                f"(steps {sorted(unreadable)})")
+
+
+@contextlib.contextmanager
+def reading(workdir: Any) -> Iterator[Any]:
+    """`workdir`'s checkpoints, opened read-only (another process may be writing them) and
+    closed whatever happens."""
+    manager = checkpoints.checkpoint_manager(workdir, read_only=True)
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
+def read_towers(manager: Any, step: int | None,
+                towers: Mapping[str, Any] | Callable[[list[str]], Mapping[str, Any]]
+                ) -> tuple[int, dict[str, Any]]:
+    """(step, {tower: params}) of checkpoint `step` (None: the newest).
+
+    Args:
+      towers: restore targets per tower (trees of ShapeDtypeStruct with shardings, or None:
+        as saved, on the host), or a function of the saved towers' names that returns them
+        (choose by what the checkpoint holds).
+
+    Raises:
+      FileNotFoundError: no checkpoint at all, or no step `step` (the steps there named).
+      CheckpointUnreadable / ModelChanged: as `restore_step`.
+    """
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"{manager.directory} holds no checkpoint yet")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"{manager.directory} has no step {step}; available: {steps}")
+    if callable(towers):
+        towers = towers(list(restore_step(manager, step, {"meta": None})["meta"]["towers"]))
+    return step, restore_step(manager, step, towers)

@@ -98,14 +98,11 @@ def _restore(source: epath.Path, abstract_params: PyTree, abstract_opt: PyTree
              ) -> tuple[int, dict, PyTree, dict, list[int]] | None:
     """(step, params, opt_state, data_state, newer unreadable steps) of `source`'s newest
     checkpoint that reads (`restore.restore_newest`), or None if it has none."""
-    manager = checkpoints.checkpoint_manager(source, read_only=True)
-    try:
-        items = {**abstract_params, "data": None, "meta": None}
-        if jax.tree.leaves(abstract_opt):
-            items["opt_state"] = abstract_opt
+    items = {**abstract_params, "data": None, "meta": None}
+    if jax.tree.leaves(abstract_opt):
+        items["opt_state"] = abstract_opt
+    with restore.reading(source) as manager:
         newest = restore.restore_newest(manager, items)
-    finally:
-        manager.close()
     if newest is None:
         return None
     step, got, unreadable = newest

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from realm_jax import checkpoints, defaults, initialize, multihost, sharding, workdir_lock
+from realm_jax import checkpoints, defaults, initialize, multihost, restore, sharding, workdir_lock
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.joins import tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
@@ -131,14 +131,12 @@ class Refresher:
         latest = multihost.agree(store.latest_step(self.workdir))
         if latest is not None and step <= latest:
             return False
-        manager = checkpoints.checkpoint_manager(self.workdir, read_only=True)
         params, error = None, None
-        try:
-            params = checkpoints.restore_items(manager, step, self._abstract)["embedder"]
-        except Exception as e:  # noqa: BLE001  deleted / half-written: the next one supersedes
-            error = f"{type(e).__name__}: {e}"
-        finally:
-            manager.close()
+        with restore.reading(self.workdir) as manager:
+            try:
+                params = restore.read_towers(manager, step, self._abstract)[1]["embedder"]
+            except Exception as e:  # noqa: BLE001  deleted / half-written: the next supersedes
+                error = f"{type(e).__name__}: {e}"
         # Hosts go on to embed (a collective) only if every one of them restored the step.
         failed = multihost.gather(np.array([error is not None]))
         if failed.any():
@@ -150,12 +148,8 @@ class Refresher:
 
     def newest_checkpoint(self) -> int | None:
         """The newest checkpoint step as the primary sees it (the same on every host)."""
-        manager = checkpoints.checkpoint_manager(self.workdir, read_only=True)
-        try:
-            step = manager.latest_step()
-        finally:
-            manager.close()
-        return multihost.agree(step)
+        with restore.reading(self.workdir) as manager:
+            return multihost.agree(manager.latest_step())
 
     def run(self, once: bool = False, timeout_s: float | None = None) -> list[int]:
         """Cold start if needed, then follow checkpoints (`once`: only the newest, then return).
