@@ -85,8 +85,9 @@ def openqa_config(cfg: RealmModelConfig, hf: dict) -> ml_collections.ConfigDict:
     reader_len = int(hf.get("reader_seq_len", 320))
     c.data.update(corpus="corpus", vocab="vocab.txt", reader_len=reader_len,
                   query_len=min(OPENQA_QUERY_LEN, reader_len // 2))
-    c.orqa.update(reader_beam_size=cfg.reader_beam_size,
-                  searcher_beam_size=cfg.searcher_beam_size)
+    c.orqa.update(reader_beam_size=int(hf.get("reader_beam_size", c.orqa.reader_beam_size)),
+                  searcher_beam_size=int(hf.get("searcher_beam_size",
+                                                c.orqa.searcher_beam_size)))
     c.retrieval.engine = "exact"
     return c
 

@@ -207,3 +207,7 @@ def test_model_config_round_trip_and_unknown_keys():
         RealmModelConfig.from_dict({"proj_dim": 8})
     with pytest.raises(ValueError, match="pooling="):
         RealmModelConfig(pooling="max")
+    # A model saved when the search sizes were model fields loads (they are the config's now).
+    old = {**cfg.to_dict(), "reader_beam_size": 5, "searcher_beam_size": 5000,
+           "num_candidates": 8}
+    assert RealmModelConfig.from_dict(old) == cfg

@@ -70,6 +70,12 @@ class BertConfig:
         return cls(**{**presets[name], **overrides})
 
 
+# How many blocks are searched, read and marginalised over is the experiment's, not the
+# model's: orqa.searcher_beam_size / orqa.reader_beam_size / retrieval.k, one key each. Models
+# saved when these were model fields still carry them; `from_dict` drops them.
+SEARCH_KEYS = ("reader_beam_size", "searcher_beam_size", "num_candidates")
+
+
 @dataclasses.dataclass(frozen=True)
 class RealmModelConfig:
     """Everything the REALM towers need. One BERT size serves all towers, as in HF REALM."""
@@ -85,9 +91,6 @@ class RealmModelConfig:
     span_hidden_size: int = 256
     max_span_width: int = 10
     reader_layer_norm_eps: float = 1e-3
-    reader_beam_size: int = 5
-    searcher_beam_size: int = 5000
-    num_candidates: int = 8
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -99,7 +102,7 @@ class RealmModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RealmModelConfig:
         """Inverse of `to_dict`; accepts an ml_collections ConfigDict too."""
-        d = dict(d)
+        d = {k: v for k, v in dict(d).items() if k not in SEARCH_KEYS}
         bert = d.pop("bert", {})
         if not isinstance(bert, BertConfig):
             bert = dict(bert)
@@ -131,9 +134,6 @@ class RealmModelConfig:
             ("span_hidden_size", "span_hidden_size"),
             ("max_span_width", "max_span_width"),
             ("reader_layer_norm_eps", "reader_layer_norm_eps"),
-            ("reader_beam_size", "reader_beam_size"),
-            ("searcher_beam_size", "searcher_beam_size"),
-            ("num_candidates", "num_candidates"),
         ]:
             if theirs in hf:
                 kw[ours] = hf[theirs]
