@@ -225,12 +225,20 @@ def test_a_wheel_carries_the_configs_and_the_demo_runs_from_anywhere(tmp_path):
     """`pip install .` (not editable): from another directory, every config loads by its
     `configs/x.py` name, a command takes `--config configs/x.py`, and the demo answers --help."""
     import os
+    import shutil
     import subprocess
     import sys
 
-    target = tmp_path / "site"
+    source, target = tmp_path / "src", tmp_path / "site"  # a copy: the build leaves build/
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "realm_jax", "configs"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--target", str(target), str(REPO)],
+                    "--no-build-isolation", "--target", str(target), str(source)],
                    check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": str(target)}
     names = [p.name for p in CONFIGS]
