@@ -22,9 +22,9 @@ run_group() {  # name, marker expression ("" = none), pytest arguments...
   start=$(date +%s)
   set +e
   if [ -n "$marker" ]; then
-    python -m pytest -ra --durations=15 "${parallel[@]}" -m "$marker" "$@"
+    python -m pytest -ra --durations=15 ${parallel[@]+"${parallel[@]}"} -m "$marker" "$@"
   else
-    python -m pytest -ra --durations=15 "${parallel[@]}" "$@"
+    python -m pytest -ra --durations=15 ${parallel[@]+"${parallel[@]}"} "$@"
   fi
   rc=$?
   set -e
