@@ -51,6 +51,16 @@ def _describe(fingerprint: str, num_blocks: int, where: str) -> str:
     return f"{fingerprint[:12]}… ({num_blocks} blocks, {where})"
 
 
+def _read_record(path: epath.Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _both(old: dict, corpus: BlockCorpus) -> tuple[str, str]:
+    """(the recorded corpus, `corpus`) described for a message."""
+    return (_describe(old["fingerprint"], old.get("num_blocks", -1), old.get("description")),
+            _describe(corpus.fingerprint, len(corpus), corpus.description))
+
+
 def _has_state(workdir: epath.Path) -> bool:
     """Whether the workdir holds something made from its corpus: a checkpoint or an index."""
     ckpt = checkpoints.checkpoint_dir(workdir)
@@ -83,13 +93,12 @@ def _compare(workdir: epath.Path, corpus: BlockCorpus, allow_change: bool) -> bo
       CorpusChanged: the corpus changed and `allow_change` is False (nothing was written).
     """
     path = record_path(workdir)
-    old = json.loads(path.read_text()) if path.exists() else None
+    old = _read_record(path)
     if old is not None and old.get("fingerprint") == corpus.fingerprint:
         return False
     changed = old is not None and _has_state(workdir)
     if changed:
-        was = _describe(old["fingerprint"], old.get("num_blocks", -1), old.get("description"))
-        now = _describe(corpus.fingerprint, len(corpus), corpus.description)
+        was, now = _both(old, corpus)
         if not allow_change:
             raise CorpusChanged(
                 f"{path}: this run started on corpus {was}, but data.corpus is now {now}: its "
@@ -151,14 +160,13 @@ def check_source(source: epath.PathLike, corpus: BlockCorpus, allow_change: bool
       CorpusChanged: the corpus differs and `allow_change` is False.
     """
     path = record_path(source)
-    if not path.exists():
+    old = _read_record(path)
+    if old is None:
         log.info("config.resume=%s has no %s: its corpus is not checked", source, RECORD)
         return False
-    old = json.loads(path.read_text())
     if old.get("fingerprint") == corpus.fingerprint:
         return False
-    was = _describe(old["fingerprint"], old.get("num_blocks", -1), old.get("description"))
-    now = _describe(corpus.fingerprint, len(corpus), corpus.description)
+    was, now = _both(old, corpus)
     if not allow_change:
         raise CorpusChanged(
             f"{path}: config.resume's run trained on corpus {was}, but data.corpus is {now}: "

@@ -91,19 +91,16 @@ def inference_mesh(config: ml_collections.ConfigDict):
 def restore_run(root: epath.Path, step: int | None, config, mesh) -> tuple[int, dict]:
     """The query tower (and the reader, if trained) of checkpoint `step`, sharded on `mesh`;
     an unreadable one is named with the steps that do load."""
+    targets = functools.partial(_query_and_reader, config=config, mesh=mesh,
+                                where=checkpoints.checkpoint_dir(root))
     with restore.reading(root) as manager:
         steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(
-                f"{checkpoints.checkpoint_dir(root)} holds no checkpoint yet: train first: "
-                f"{_run_cmd(root)}")
-        if step is not None and step not in steps:
-            raise FileNotFoundError(f"{checkpoints.checkpoint_dir(root)} has no step {step}; "
-                                    f"available: {steps}")
-        targets = functools.partial(_query_and_reader, config=config, mesh=mesh,
-                                    where=checkpoints.checkpoint_dir(root))
         try:
             return restore.read_towers(manager, step, targets)
+        except FileNotFoundError as e:  # no checkpoint, or no such step (named with the steps)
+            if steps:
+                raise
+            raise FileNotFoundError(f"{e}: train first: {_run_cmd(root)}") from None
         except restore.CheckpointUnreadable as e:  # which would do, for --step
             step = steps[-1] if step is None else step
             ok = [s for s in steps if s != step and _loads(manager, s, targets)]
