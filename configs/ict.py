@@ -21,7 +21,6 @@ before, during and after; "tiny" / "runlocal" is the 1-layer model of `configs/t
 `arg`: "" (the paper run) | "demo" (CPU, MiniLM) | "tiny" / "runlocal" (seconds per step).
 """
 
-import pathlib
 
 import ml_collections
 
@@ -91,7 +90,6 @@ def _demo() -> ml_collections.ConfigDict:
 
 def _tiny() -> ml_collections.ConfigDict:
     """configs/tiny.py (1-layer 32-wide BERT, generated knowledge base) training ICT."""
-    c = defaults.load_config(str(pathlib.Path(__file__).with_name("tiny.py")))
-    c.unlock()
+    c = defaults.tiny_config()
     c.task = "ict"
     return c

@@ -28,7 +28,6 @@ Args:
     python -m realm_jax.train --config configs/mlm.py:scratch --workdir runs/mlm_scratch
 """
 
-import pathlib
 
 import ml_collections
 
@@ -108,8 +107,7 @@ def _generated_kb(arg: str) -> ml_collections.ConfigDict:
 
 def _tiny() -> ml_collections.ConfigDict:
     """configs/tiny.py's 1-layer, 32-wide BERT on its 20-entity generated KB: seconds."""
-    c = defaults.load_config(str(pathlib.Path(__file__).with_name("tiny.py")))
-    c.unlock()
+    c = defaults.tiny_config()
     c.task = "mlm"
     c.mlm.update(source="corpus", masking="random_token", max_len=0, max_masks=0,
                  eval_examples=32)

@@ -38,7 +38,6 @@ On a laptop CPU (1-layer BERT, generated knowledge base and its questions):
 """
 
 import math
-import pathlib
 
 import ml_collections
 
@@ -91,8 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def _tiny() -> ml_collections.ConfigDict:
     """configs/tiny.py (1-layer 32-wide BERT, generated knowledge base with its questions,
     small beams, a few steps) with this file's task and frozen index."""
-    c = defaults.load_config(str(pathlib.Path(__file__).with_name("tiny.py")))
-    c.unlock()
+    c = defaults.tiny_config()
     c.task = "orqa"
     c.refresh.mode = "sync"  # no refresher process; the frozen index is built in the trainer
     c.eval.split = "dev"
