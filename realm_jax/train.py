@@ -322,7 +322,8 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
         log.info("refresh.mode=%s does not apply: task %s needs index mode %r", c.refresh.mode,
                  c.task, mode)
     needs_refresher = mode in ("frozen", "sync")
-    refresher = Refresher(c, workdir, corpus=corpus, progress=progress) if needs_refresher else None
+    refresher = (Refresher(c, workdir, corpus=corpus, progress=progress, blocks=blocks)
+                 if needs_refresher else None)
     live = LiveIndex(c, workdir, mesh, corpus_fp=corpus.fingerprint, refresher=refresher,
                      mode=mode)
     logger = _Logger(workdir, step, total, progress)

@@ -28,7 +28,7 @@ from etils import epath
 
 from realm_jax import checkpoints, defaults, initialize, multihost, restore, sharding, workdir_lock
 from realm_jax.data.blocks import BlockCorpus
-from realm_jax.data.joins import tokenize_corpus
+from realm_jax.data.joins import TokenizedBlocks, tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
 from realm_jax.embedding import block_runner
 from realm_jax.retrieval import store
@@ -88,14 +88,19 @@ class Refresher:
     def __init__(
         self, config: ml_collections.ConfigDict, workdir: epath.PathLike,
         corpus: BlockCorpus | None = None, progress: bool = True,
+        blocks: TokenizedBlocks | None = None,
     ):
+        """`corpus` and its tokenisation `blocks`: the trainer's own (sync mode), so a run
+        tokenises its corpus once; loaded from the config when not given."""
+        if blocks is not None and corpus is None:
+            raise ValueError("Refresher: `blocks` given without the `corpus` they tokenise")
         self.config = config
         self.workdir = checkpoints.absolute(workdir)
         self.mesh = sharding.make_mesh(dict(config.mesh))
         tokenizer = load_tokenizer(config)
         self.corpus = load_corpus(config, tokenizer) if corpus is None else corpus
         self.corpus_fp = self.corpus.fingerprint
-        self.blocks = tokenize_corpus(self.corpus, tokenizer)
+        self.blocks = tokenize_corpus(self.corpus, tokenizer) if blocks is None else blocks
         self.embedder = block_runner(config, self.mesh)
         # The restore target (shapes + shardings) depends only on the config: build it once.
         self._abstract = initialize.abstract_towers(

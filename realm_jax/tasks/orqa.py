@@ -133,7 +133,8 @@ class Orqa(Task):
 
     def evaluate(self, params: PyTree, searcher: Searcher, fresh: bool = False
                  ) -> dict[str, float]:
-        """Exact match (and answer recall) on the eval split with the inference path."""
+        """Exact match and answer recall@`eval.recall_k` on the eval split with the inference
+        path: the same numbers, under the same keys, as `realm_jax.evaluate` on this run."""
         from realm_jax.evaluation import evaluate as evaluate_qa
         from realm_jax.inference import Realm
 
@@ -141,6 +142,6 @@ class Orqa(Task):
         qa = loaders.load_qa_split(self.config, c.split)
         realm = Realm(self.config, params, searcher, corpus=self.corpus, blocks=self.blocks,
                       tokenizer=self.tokenizer, mesh=self.mesh)
-        metrics, _ = evaluate_qa(realm, qa, batch_size=c.batch_size, k=self.reader_beam,
+        metrics, _ = evaluate_qa(realm, qa, batch_size=c.batch_size, k=int(c.recall_k),
                                  max_examples=c.max_examples)
         return {k: float(v) for k, v in metrics.items() if np.isscalar(v)}
