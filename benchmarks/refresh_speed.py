@@ -16,6 +16,8 @@ Timed, each over the same blocks, in one process, on the same cores (XLA's pool 
   ours, buckets B   `embedding.block_runner(...).embed_blocks` with data.length_buckets=B
                     (1: every block padded to data.block_len, the runner before length
                     buckets; measured on the first `--sample` blocks only, and so marked);
+                    with `--batch-tokens T`, one more row: the last bucket count batching
+                    by padded tokens (refresh.batch_tokens=T: short blocks in larger calls);
   sentence-transformers  `SentenceTransformer(all-MiniLM-L6-v2).encode(texts, batch_size)`,
                     which sorts by length and pads each batch to its longest; its texts are
                     `title [SEP] text` so both sides read the same wordpieces (its token type
@@ -113,7 +115,8 @@ def generated_kb_blocks(n: int, block_len: int) -> list[dict[str, str]]:
             for i in range(min(n, len(corpus)))]
 
 
-def ours(blocks: list[dict[str, str]], block_len: int, batch: int, buckets: int) -> dict:
+def ours(blocks: list[dict[str, str]], block_len: int, batch: int, buckets: int,
+         batch_tokens: int = 0) -> dict:
     from mips import minilm_config
 
     from realm_jax import embedding, initialize, sharding
@@ -123,6 +126,7 @@ def ours(blocks: list[dict[str, str]], block_len: int, batch: int, buckets: int)
     config = minilm_config(block_len, batch)
     config.model.proj_size = 0  # MiniLM's own mean-pooled output, as sentence-transformers'
     config.data.length_buckets = buckets
+    config.refresh.batch_tokens = batch_tokens
     mesh = sharding.make_mesh(dict(config.mesh))
     params, _ = initialize.initial_params(config, ["embedder"], mesh)
     tok = load_tokenizer(config)
@@ -188,6 +192,13 @@ def run(args: argparse.Namespace) -> dict:
             "cosine_to_st_median": _cosine(r["table"], st["table"][:len(subset)])}
         if b > 1 and table is None:
             table, lengths, config = r["table"], r["lengths"], r["config"]
+    if args.batch_tokens:
+        b = args.buckets[-1]
+        r = ours(blocks, args.block_len, args.batch, b, args.batch_tokens)
+        rows[f"ours, buckets {b}, {args.batch_tokens} tok"] = {
+            "blocks": len(blocks), **_timing(r), "tokenize_s": r["tokenize_s"],
+            "vs_sentence_transformers": r["blocks_per_s"] / st["blocks_per_s"],
+            "cosine_to_st_median": _cosine(r["table"], st["table"])}
     publish_s = {e: publish(config, table, e) for e in ("exact", "scann")}
     kb_blocks = generated_kb_blocks(args.sample, args.block_len)
     kb_rows = {"ours": _timing(ours(kb_blocks, args.block_len, args.batch, args.buckets[-1])),
@@ -234,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--buckets", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--batch-tokens", type=int, default=0,
+                        help="also run the last bucket count batching by padded tokens "
+                             "(refresh.batch_tokens)")
     parser.add_argument("--deb", default="", help="a dict-gcide .deb (else apt-get download)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "realm_bench"))
     parser.add_argument("--out", default="benchmarks/results/refresh_speed.json")

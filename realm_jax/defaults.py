@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
         max_staleness_steps=0,  # 0 = never wait for the refresher
         keep=3,  # index versions kept on disk
         batch_size=128,  # blocks per embedding batch
+        # > 0: blocks per batch from padded tokens instead (batch_tokens // bucket length):
+        # short blocks in larger batches, every call about the same work
+        batch_tokens=0,
         poll_interval_s=10.0,
         wait_timeout_s=3600.0,  # longest wait for an index version before failing
         max_restarts=3,  # subprocess mode: restarts of a dead refresher before giving up

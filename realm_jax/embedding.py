@@ -8,7 +8,8 @@ padded every block to `data.block_len`, though a real corpus's blocks are mostly
 
   1. sort by length, longest first (stable: the same corpus gives the same batches), so a
      batch holds rows of about one length and the largest batch shows any memory limit first;
-  2. cut into batches of `batch_size` rows; pad each to its longest row rounded up to one of
+  2. cut into batches of `batch_size` rows (or of about `batch_tokens` padded tokens: more
+     rows when they are short); pad each to its longest row rounded up to one of
      `length_buckets` equal steps of `max_len` (`bucket_length`) and, if short of rows, to a
      fixed row count by repeating its first row (a real row: no all-masked input);
   3. put the embeddings back in input order.
@@ -126,20 +127,29 @@ class EmbedRunner:
       max_len: the longest row (data.query_len for questions, data.block_len for blocks).
       batch_size: rows per call, rounded up to a multiple of the mesh's batch split.
       length_buckets: how many lengths a batch may be padded to (1: always `max_len`).
+      batch_tokens: if > 0, rows per call are chosen per bucket from tokens instead:
+        `batch_tokens // bucket length` (a multiple of the batch split, at least one row per
+        batch device), so short rows go in proportionally larger batches and every call
+        computes about the same padded tokens; `batch_size` is then ignored.
     """
 
     def __init__(self, cfg: RealmModelConfig, mesh, rules, *, max_len: int, batch_size: int,
-                 length_buckets: int = 4):
+                 length_buckets: int = 4, batch_tokens: int = 0):
         if length_buckets < 1:
             raise ValueError(f"length_buckets={length_buckets} must be >= 1")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if batch_tokens < 0:
+            raise ValueError(f"batch_tokens={batch_tokens} must be >= 0 (0: batch by rows)")
         self.mesh = mesh
         self.rules = tuple(tuple(r) for r in rules)
         self.max_len = int(max_len)
         self.length_buckets = int(length_buckets)
         self.shards = sharding.mesh_batch_size(mesh, self.rules)
+        self.batch_tokens = int(batch_tokens)
         self.batch_size = -(-int(batch_size) // self.shards) * self.shards
+        if self.batch_tokens:
+            self.batch_size = self.rows_for(self.max_len)  # the rows of a full-length call
         self._in = sharding.batch_sharding(mesh, 2, self.rules)
         self._fn = _embed_fn(cfg, mesh, self.rules)
 
@@ -151,14 +161,25 @@ class EmbedRunner:
     def bucket(self, n: int) -> int:
         return bucket_length(n, self.max_len, self.length_buckets)
 
+    def rows_for(self, length: int) -> int:
+        """Rows per call of padded `length`: `batch_size`, or from `batch_tokens`."""
+        if not self.batch_tokens:
+            return self.batch_size
+        return max(1, self.batch_tokens // (length * self.shards)) * self.shards
+
     def batches(self, lengths: np.ndarray) -> Iterator[tuple[np.ndarray, int, int]]:
         """(row indices, padded rows, padded length) of each call over rows of `lengths` [N]:
-        longest first, `batch_size` rows, each padded to its bucket."""
-        order = np.argsort(-np.asarray(lengths), kind="stable")
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            size = self.shards if len(rows) <= self.shards else self.batch_size
-            yield rows, size, self.bucket(int(np.max(lengths[rows])))
+        longest first, `rows_for(bucket)` rows, each padded to its bucket (the bucket of its
+        first, longest row). Per bucket two shapes: a full call and a small one."""
+        lengths = np.asarray(lengths)
+        order = np.argsort(-lengths, kind="stable")
+        start = 0
+        while start < len(order):
+            length = self.bucket(int(lengths[order[start]]))
+            full = self.rows_for(length)
+            rows = order[start:start + full]
+            start += len(rows)
+            yield rows, (self.shards if len(rows) <= self.shards else full), length
 
     def embed(self, params: PyTree, enc: Encoded, progress: Progress | None = None
               ) -> np.ndarray:
@@ -219,7 +240,8 @@ class EmbedRunner:
 
 
 def block_runner(config: ml_collections.ConfigDict, mesh) -> EmbedRunner:
-    """The runner of every index build: `refresh.batch_size` blocks of ≤ data.block_len.
+    """The runner of every index build: `refresh.batch_size` blocks of ≤ data.block_len
+    (or, with `refresh.batch_tokens` > 0, as many blocks as make that many padded tokens).
 
     Raises:
       ValueError: refresh.batch_size does not split over the mesh's batch devices.
@@ -230,7 +252,8 @@ def block_runner(config: ml_collections.ConfigDict, mesh) -> EmbedRunner:
         raise ValueError(f"refresh.batch_size={batch_size} is not a multiple of the {shards} "
                          "devices the batch is split over")
     return EmbedRunner(defaults.model_config(config), mesh, rules, max_len=config.data.block_len,
-                       batch_size=batch_size, length_buckets=_buckets(config))
+                       batch_size=batch_size, length_buckets=_buckets(config),
+                       batch_tokens=int(config.refresh.get("batch_tokens", 0)))
 
 
 def query_runner(config: ml_collections.ConfigDict, mesh, batch_size: int | None = None,

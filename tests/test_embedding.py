@@ -42,11 +42,12 @@ def direct(config, params, enc) -> np.ndarray:
                                    enc.attention_mask, enc.token_type_ids))
 
 
-def runner(config, mesh, buckets: int, batch_size: int = 16) -> embedding.EmbedRunner:
+def runner(config, mesh, buckets: int, batch_size: int = 16, batch_tokens: int = 0
+           ) -> embedding.EmbedRunner:
     embedding._embed_fn.cache_clear()  # count this runner's compilations alone
     return embedding.EmbedRunner(defaults.model_config(config), mesh, config.rules,
                                  max_len=config.data.block_len, batch_size=batch_size,
-                                 length_buckets=buckets)
+                                 length_buckets=buckets, batch_tokens=batch_tokens)
 
 
 def test_bucketed_rows_equal_full_length_rows_in_input_order(setup):
@@ -73,6 +74,28 @@ def test_batches_are_sorted_bucketed_and_cover_every_row_once(setup):
         seen.extend(rows.tolist())
     assert sorted(seen) == list(range(len(lengths)))
     assert lengths[seen].tolist() == sorted(lengths.tolist(), reverse=True)  # longest first
+
+
+def test_batches_by_tokens_put_short_rows_in_larger_calls(setup):
+    """batch_tokens=768 over 8 batch devices: 16 rows of 48 or 36, 32 of 24, 64 of 12 — the same
+    table as batching by rows, within the same compilation bound."""
+    config, mesh, params, blocks = setup
+    r = runner(config, mesh, 4, batch_tokens=768)
+    lengths = np.array([5, 48, 13, 30, 7, 12, 47, 20, 3] * 20)
+    seen = []
+    for rows, size, length in r.batches(lengths):
+        assert size in (8, r.rows_for(length)) and len(rows) <= size
+        assert length * size <= 768 and length >= lengths[rows].max()
+        seen.extend(rows.tolist())
+    assert sorted(seen) == list(range(len(lengths)))
+    assert r.batch_size == 16 and r.rows_for(12) == 64 and r.rows_for(24) == 32
+    assert r.rows_for(36) == 16 and r.rows_for(768) == 8  # at least one row per device
+    by_tokens = r.embed_blocks(params, blocks, console=False)
+    assert 1 < r.compilations <= 2 * 4
+    by_rows = runner(config, mesh, 4).embed_blocks(params, blocks, console=False)
+    np.testing.assert_allclose(by_tokens, by_rows, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_tokens=-1 must be >= 0"):
+        runner(config, mesh, 4, batch_tokens=-1)
 
 
 def test_compilations_stay_within_the_bucket_count(setup):
