@@ -132,6 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mlm = ml_collections.ConfigDict(dict(
         # "corpus" ([CLS] title [SEP] body [SEP], body masked) | "sentences" | "reading"
         # ([CLS] masked sentence [SEP] its block's body [SEP]: learn to read a joined block)
+        # | "facts" (a pre-training sentence joined with the block holding its fact)
         source="corpus",
         masking="random_token",  # "random_token" (BERT 15%, 80/10/10) | "salient" | "random_span"
         max_len=0,  # wordpieces per example (reading: the join); 0 = data.block_len

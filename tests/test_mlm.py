@@ -189,16 +189,24 @@ def test_salient_and_sentence_sources(tiny_data):
                                   enc.input_ids[rows[w], batch["mlm_positions"][w]])
 
 
-def test_reading_source_joins_each_sentence_with_its_own_block(tiny_data):
+@pytest.mark.parametrize("source", ["reading", "facts"])
+def test_reading_source_joins_each_sentence_with_its_block(tiny_data, source):
     """`[CLS] masked sentence [SEP] body [SEP]`: the masked span is in the body that follows
-    (the encoder can learn to read it), in REALM's join layout (segment 1 on the body)."""
+    (the encoder can learn to read it), in REALM's join layout (segment 1 on the body). The
+    block is the sentence's own ("reading") or the one holding the fact it restates
+    ("facts": the generated KB's pre-training sentences, which are not in the corpus)."""
     from realm_jax.data.examples import Sentences, corpus_sentences
 
     config, tok, corpus, blocks = tiny_data
-    sentences = Sentences.from_records(corpus_sentences(corpus))
+    if source == "reading":
+        sentences, key = Sentences.from_records(corpus_sentences(corpus)), "block"
+    else:
+        sentences, key = loaders.load_pretrain_sentences(config, corpus), "gold_block"
+        assert all(sentences[i]["block"] == -1 for i in range(len(sentences)))
     query_len, max_len = 24, 72
-    batcher = mlm_data.make_batcher("reading", sentences, tok, blocks=blocks, max_len=max_len,
-                                    max_masks=4, masking="salient", query_len=query_len)
+    masks = 4 if source == "reading" else 12  # a fact's value (a made-up name) runs long
+    batcher = mlm_data.make_batcher(source, sentences, tok, blocks=blocks, max_len=max_len,
+                                    max_masks=masks, masking="salient", query_len=query_len)
     idx = np.arange(min(40, len(sentences)))
     batch = batcher(idx, np.random.default_rng(0))
     assert batch["input_ids"].shape == (len(idx), max_len)
@@ -207,7 +215,7 @@ def test_reading_source_joins_each_sentence_with_its_own_block(tiny_data):
         seps = np.flatnonzero(row == tok.sep_id)
         assert row[0] == tok.cls_id and len(seps) == 2
         body = row[seps[0] + 1: seps[1]]
-        block = int(sentences[int(idx[i])]["block"])
+        block = int(sentences[int(idx[i])][key])
         expect = blocks.encode(np.array([block]), max_len).input_ids[0]
         expect_seps = np.flatnonzero(expect == tok.sep_id)
         np.testing.assert_array_equal(body, expect[expect_seps[0] + 1: expect_seps[1]][
@@ -218,13 +226,19 @@ def test_reading_source_joins_each_sentence_with_its_own_block(tiny_data):
         labels = batch["mlm_labels"][i][w]
         positions = batch["mlm_positions"][i][w]
         assert (row[positions] == tok.mask_id).all() and (positions < seps[0]).all()
-        if batch["truncated"][i] or not len(labels):
+        if batch["truncated"][i] or batch["fallback"][i] or not len(labels):
             continue
         hits = [j for j in range(len(body) - len(labels) + 1)
                 if np.array_equal(body[j: j + len(labels)], labels)]
         assert hits, (i, labels, body)  # the answer is there to be read
         checked += 1
     assert checked >= len(idx) // 2
+    if source == "facts":  # a sentence that does not know its block cannot be read
+        unknown = Sentences.from_records([{**sentences[0], "gold_block": -1}])
+        with pytest.raises(ValueError, match="1 sentences of the batch have no gold_blocks"):
+            mlm_data.make_batcher(source, unknown, tok, blocks=blocks, max_len=max_len,
+                                  max_masks=masks, masking="salient", query_len=query_len
+                                  )(np.array([0]), np.random.default_rng(0))
 
 
 def test_dataset_resumes_from_its_state(tiny_data):

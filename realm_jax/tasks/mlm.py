@@ -11,7 +11,8 @@ Per batch: host — nothing to retrieve (`index_mode = "none"`), the batch is `d
 device — the encoder reads `[CLS] text [SEP]` as one candidate (K = 1) and the loss is the
 mean cross-entropy over masked positions. Shapes: B batch, L max_len, M max_masks, V vocab.
 
-Config (`defaults.base_config` `mlm`): source "corpus" | "sentences" | "reading", masking,
+Config (`defaults.base_config` `mlm`): source "corpus" | "sentences" | "reading" | "facts",
+masking,
 max_len (0 = data.block_len), max_masks (0 = data.max_masks), eval_examples (0 =
 eval.max_examples or 256).
 Evaluation: the held-out MLM loss and accuracy on a fixed set of masked examples — on the
@@ -108,6 +109,8 @@ class Mlm(Task):
                 num = len(self.corpus) - min(self.num_eval, len(self.corpus) // 2)
         elif self.source == "reading":
             examples = Sentences.from_records(corpus_sentences(self.corpus))
+        elif self.source == "facts":
+            examples = self._fact_sentences(loaders.load_pretrain_sentences(c, self.corpus))
         else:
             examples = loaders.load_pretrain_sentences(c, self.corpus)
         return mlm_data.mlm_dataset(
@@ -116,6 +119,17 @@ class Mlm(Task):
             max_masks=self.max_masks, masking=self.masking, query_len=int(c.data.query_len),
             mask_rate=float(c.mlm.get("mask_rate", 0.15)),
             shard=mesh_shard(self.mesh, self.rules))
+
+    @staticmethod
+    def _fact_sentences(sentences: Any) -> Sentences:
+        """The sentences that know the block holding their fact (source "facts")."""
+        known = Sentences.from_records(r for r in (sentences[i] for i in range(len(sentences)))
+                                       if r["gold_block"] >= 0)
+        if not len(known):
+            raise ValueError(f"mlm.source='facts': none of the {len(sentences)} pre-training "
+                             "sentences knows its gold block (the generated KB's do; "
+                             "data.sentences files may carry a gold_block field)")
+        return known
 
     def prepare(self, batch, params, searcher: Searcher | None):
         del params, searcher  # nothing is retrieved
@@ -157,7 +171,11 @@ class Mlm(Task):
         kw = dict(max_len=self.max_len, max_masks=self.max_masks, masking=self.masking)
         if loaders.is_synthetic(c):
             pool = loaders.load_synthetic(c).sentences((c.eval.split,))
-            batcher = mlm_data.make_batcher("sentences", pool, self.tokenizer, **kw)
+            if self.source == "facts":  # held-out people's facts, read from their blocks
+                batcher = mlm_data.make_batcher("facts", pool, self.tokenizer, blocks=self.blocks,
+                                                query_len=int(c.data.query_len), **kw)
+            else:
+                batcher = mlm_data.make_batcher("sentences", pool, self.tokenizer, **kw)
             indices = np.arange(min(self.num_eval, len(pool)))
         else:
             batcher = mlm_data.make_batcher("corpus", self.corpus, self.tokenizer,
