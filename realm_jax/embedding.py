@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -42,6 +43,7 @@ from realm_jax import defaults, multihost, sharding
 from realm_jax.data.joins import TokenizedBlocks
 from realm_jax.data.tokenizer import Encoded
 from realm_jax.models import Embedder, RealmModelConfig
+from realm_jax.retrieval import mips
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -70,6 +72,23 @@ def _embed_fn(cfg: RealmModelConfig, mesh, rules) -> Callable:
     return sharding.jit_sharded(
         lambda p, ids, mask, types: module.apply({"params": p}, ids, mask, types),
         mesh, rules, out_shardings=sharding.replicated(mesh))
+
+
+@functools.lru_cache(maxsize=16)
+def _retrieve_fn(cfg: RealmModelConfig, mesh, rules, index_rules, k: int, num_valid: int,
+                 use_approx: bool, recall_target: float, chunk_rows: int | None) -> Callable:
+    """[B, L] ids, mask, types + a row-sharded [N_padded, d] table → top-k (ids, scores)
+    [B, k], replicated: the query embeddings never leave the devices (one jitted call where
+    embedding, a device → host copy, an upload and a search were four steps)."""
+    module = Embedder(cfg)
+
+    def retrieve(p, table, ids, mask, types):
+        q = module.apply({"params": p}, ids, mask, types).astype(jnp.float32)  # [B, d]
+        return mips.sharded_exact_search(table, q, k, mesh=mesh, num_valid=num_valid,
+                                         rules=index_rules, use_approx=use_approx,
+                                         recall_target=recall_target, chunk_rows=chunk_rows)
+
+    return sharding.jit_sharded(retrieve, mesh, rules, out_shardings=sharding.replicated(mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +170,7 @@ class EmbedRunner:
         if self.batch_tokens:
             self.batch_size = self.rows_for(self.max_len)  # the rows of a full-length call
         self._in = sharding.batch_sharding(mesh, 2, self.rules)
+        self._cfg = cfg
         self._fn = _embed_fn(cfg, mesh, self.rules)
 
     @property
@@ -222,21 +242,40 @@ class EmbedRunner:
         progress.close()
         return out if out is not None else np.zeros((0, 0), np.float32)
 
-    def embed_host_rows(self, params: PyTree, ids: np.ndarray, mask: np.ndarray,
-                        types: np.ndarray) -> HostQueries:
-        """This host's [b, L] rows of a global batch (training) → all hosts' embeddings.
+    def _place_host_rows(self, arrays: tuple[np.ndarray, ...]) -> tuple[list[jax.Array], slice]:
+        """This host's [b, L] rows of a global batch → global arrays, and where its rows sit.
 
         Every host calls this at the same point with the same b (the data pipeline gives every
         host equal batches): one sharded call over the whole global batch, at full length.
         """
-        b = ids.shape[0]
+        b = arrays[0].shape[0]
         mine = multihost.process_rows(self._in, (self.shards,))  # this host's batch shards
         size = b + (-b) % (mine.stop - mine.start)
         placed = [jax.make_array_from_process_local_data(self._in, pad_rows(np.asarray(a), size))
-                  for a in (ids, mask, types)]
+                  for a in arrays]
         rows = multihost.process_rows(self._in, placed[0].shape)
+        return placed, slice(rows.start, rows.start + b)
+
+    def embed_host_rows(self, params: PyTree, ids: np.ndarray, mask: np.ndarray,
+                        types: np.ndarray) -> HostQueries:
+        """This host's [b, L] rows of a global batch (training) → all hosts' embeddings."""
+        placed, rows = self._place_host_rows((ids, mask, types))
         embeddings = np.asarray(self._fn(params, *placed), np.float32)  # [B_global, d]
-        return HostQueries(embeddings, slice(rows.start, rows.start + b))
+        return HostQueries(embeddings, rows)
+
+    def retrieve_host_rows(self, params: PyTree, ids: np.ndarray, mask: np.ndarray,
+                           types: np.ndarray, index: mips.ExactIndex, k: int
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """This host's [b, L] query rows → their top-k (ids, scores) [b, k] in `index`,
+        embedded and searched in one call on the devices; only ids and scores come back.
+        Equal to `embed_host_rows` then `index.search` (the same float32 scores)."""
+        k = mips.check_k(k, index.num_valid)
+        placed, rows = self._place_host_rows((ids, mask, types))
+        fn = _retrieve_fn(self._cfg, self.mesh, self.rules, tuple(index.rules), k,
+                          index.num_valid, index.use_approx, index.recall_target,
+                          index.chunk_rows)
+        top_ids, scores = fn(params, index.table, *placed)  # [B_global, k] each
+        return np.asarray(top_ids)[rows], np.asarray(scores)[rows]
 
 
 def block_runner(config: ml_collections.ConfigDict, mesh) -> EmbedRunner:

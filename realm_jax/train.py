@@ -19,7 +19,7 @@ a changed corpus is refused unless `data.allow_corpus_change` restarts the data 
 
 Multi-host (a TPU pod: `--multihost`, one process per host): every host runs this loop over one
 global mesh. Each host reads its rows of every global batch (`data.pipeline`: the same global
-batches whatever the number of hosts), retrieves for them (`tasks.common.search_host_rows`:
+batches whatever the number of hosts), retrieves for them (`tasks.common.retrieve_host_rows`:
 exact search is a collective over all hosts' queries), and contributes them to global arrays
 (`to_global`). Every collective (the step, search, index refresh, checkpoint save) is entered
 by all hosts in the same order; decisions that gate one come from the primary

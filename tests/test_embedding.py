@@ -108,6 +108,41 @@ def test_compilations_stay_within_the_bucket_count(setup):
     assert embedding.bucket_length(1, 24, 4) == 6 and embedding.bucket_length(0, 24, 1) == 24
 
 
+def test_retrieval_on_the_devices_equals_embedding_then_search(setup):
+    """One device call (embed, search the row-sharded table, return ids and scores) finds
+    what embedding on the host and then searching finds; 5 rows on 8 devices (padded)."""
+    from realm_jax.retrieval import mips
+    from realm_jax.tasks.common import retrieve_host_rows
+
+    config, mesh, params, blocks = setup
+    runner_ = embedding.query_runner(config, mesh)
+    table = runner(config, mesh, 4).embed_blocks(params, blocks, console=False)  # [41, d]
+    index = mips.ExactIndex.build(table, mesh)
+    enc = load_tokenizer(config).encode_queries(
+        [f"the river city {w}" for w in WORDS[:5]], config.data.query_len)
+    arrays = (enc.input_ids, enc.attention_mask, enc.token_type_ids)
+    ids, scores = runner_.retrieve_host_rows(params, *arrays, index, 7)
+    want_ids, want_scores = index.search(runner_.embed_host_rows(params, *arrays).mine, 7)
+    assert ids.shape == (5, 7)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+    class FakeSearcher:  # what tasks see: the exact engine exposes its device index
+        engine, device_index = "exact", index
+
+        def search(self, q, k):
+            return index.search(q, k)
+
+    got, _ = retrieve_host_rows(runner_, params, FakeSearcher(), *arrays, 7)
+    np.testing.assert_array_equal(got, want_ids)
+    # ScaNN: embeddings come back and the host searches its own rows (`search_host_rows`).
+    FakeSearcher.engine, FakeSearcher.device_index = "scann", None
+    got, _ = retrieve_host_rows(runner_, params, FakeSearcher(), *arrays, 7)
+    np.testing.assert_array_equal(got, want_ids)
+    with pytest.raises(ValueError, match="k"):
+        runner_.retrieve_host_rows(params, *arrays, index, 42)
+
+
 def test_query_rows_padded_and_cut_back(setup):
     """Fewer rows than the mesh splits the batch into: padded by a real row, cut back."""
     config, mesh, params, _ = setup

@@ -75,11 +75,11 @@ def test_orqa_targets_follow_regex_answers(tmp_path, eight_devices, monkeypatch)
     # The search returns each question's gold block first, so there are answers to find.
     from realm_jax.tasks import orqa
 
-    def search(searcher, q, s):
+    def retrieve(runner, params, searcher, ids, mask, types, s):
         ids = [[g, *[b for b in range(s) if b != g][: s - 1]] for g in batch["gold_blocks"]]
         return np.array(ids), None
 
-    monkeypatch.setattr(orqa, "search_host_rows", search)
+    monkeypatch.setattr(orqa, "retrieve_host_rows", retrieve)
     # Each answer as a pattern whose own text is not the answer: its first letter a class.
     patterns = [[f"[{a[0].lower()}{a[0].upper()}]{re.escape(a[1:])}" for a in row]
                 for row in batch["answers"]]

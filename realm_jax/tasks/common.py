@@ -2,9 +2,11 @@
 
 Multi-host: a training batch is split over hosts (each holds its own rows), but exact search
 over the index sharded on all devices is a collective that every host must enter with the same
-global queries. So `EmbedRunner.embed_host_rows` embeds the global batch from per-host rows and
-hands every host all the query embeddings plus the place of its own rows, and
-`search_host_rows` searches with all of them (exact) or with this host's only (ScaNN, on host).
+global queries. So `retrieve_host_rows` places every host's rows in one global batch and, for
+exact search, embeds and searches it in one device call whose only outputs are the top-k ids
+and scores (every host gets all of them and keeps its own rows); ScaNN searches on the host,
+so there the embeddings come back (`EmbedRunner.embed_host_rows`) and each host searches its
+own rows (`search_host_rows`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def retrieval_scale(config: ml_collections.ConfigDict) -> float:
     cfg = defaults.model_config(config)
     r = config.get("realm", {})  # resolved configs written before the section existed lack it
     return score_scale(r.get("score_scale", "none"), cfg.proj_size or cfg.bert.hidden_size)
+
+
+def retrieve_host_rows(runner: EmbedRunner, params: PyTree, searcher: Searcher, ids: np.ndarray,
+                       mask: np.ndarray, types: np.ndarray, k: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (ids, scores) [b, k] of this host's query rows [b, L] under query tower `params`.
+
+    Exact search: embedded and searched in one device call (`EmbedRunner.retrieve_host_rows`),
+    only ids and scores come back. ScaNN searches on the host, so the embeddings come back
+    first (`search_host_rows`).
+    """
+    index = searcher.device_index
+    if index is not None:
+        return runner.retrieve_host_rows(params, ids, mask, types, index, k)
+    return search_host_rows(searcher, runner.embed_host_rows(params, ids, mask, types), k)
 
 
 def search_host_rows(searcher: Searcher, queries: HostQueries, k: int

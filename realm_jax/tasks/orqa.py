@@ -28,7 +28,7 @@ from realm_jax.models import Embedder, SpanReader
 from realm_jax.models.losses import orqa_loss
 from realm_jax.models.reader import correct_spans, orqa_logits, span_candidates
 from realm_jax.retrieval.searcher import Searcher
-from realm_jax.tasks.common import PyTree, Task, search_host_rows
+from realm_jax.tasks.common import PyTree, Task, retrieve_host_rows
 
 MAX_ANSWER_SPANS = 8
 
@@ -61,9 +61,9 @@ class Orqa(Task):
     def prepare(self, batch, params, searcher: Searcher):
         s = min(self.searcher_beam, searcher.num_blocks)
         r = min(self.reader_beam, s)
-        q = self.queries.embed_host_rows(params["query_embedder"], batch["question_ids"],
-                                         batch["question_mask"], batch["question_types"])
-        ids, _ = search_host_rows(searcher, q, s)  # [B, S], best first
+        ids, _ = retrieve_host_rows(self.queries, params["query_embedder"], searcher,
+                                    batch["question_ids"], batch["question_mask"],
+                                    batch["question_types"], s)  # [B, S], best first
         regex = batch.get("is_regex", np.zeros(len(ids), bool))
         answers = [self.matched_strings(a, row) if rx else a
                    for a, row, rx in zip(batch["answers"], ids, regex, strict=True)]

@@ -33,7 +33,7 @@ from realm_jax.tasks.common import (
     Task,
     query_tower,
     retrieval_scale,
-    search_host_rows,
+    retrieve_host_rows,
 )
 
 
@@ -100,9 +100,9 @@ class RealmMlm(Task):
         """[B, K] block ids: the null document, then the top K − 1 retrieved with the current
         query tower, trivial retrievals dropped."""
         fetch = min(self.fetch, searcher.num_blocks)
-        q = self.queries.embed_host_rows(query_tower(params), batch["query_ids"],
-                                         batch["query_mask"], batch["query_types"])
-        ids, _ = search_host_rows(searcher, q, fetch)  # [B, fetch]
+        ids, _ = retrieve_host_rows(self.queries, query_tower(params), searcher,
+                                    batch["query_ids"], batch["query_mask"],
+                                    batch["query_types"], fetch)  # [B, fetch]
         source = batch["source_block"]
         source_hash = np.where(source >= 0, self.hashes[np.maximum(source, 0)], 0)
         return realm_candidates(ids, source_hash, self.hashes, self.k)
