@@ -18,6 +18,7 @@ Timed, each over the same blocks, in one process, on the same cores (XLA's pool 
                     buckets; measured on the first `--sample` blocks only, and so marked);
                     with `--batch-tokens T`, one more row: the last bucket count batching
                     by padded tokens (refresh.batch_tokens=T: short blocks in larger calls);
+                    with `--bf16`, one more: bfloat16 compute (model.bert.dtype);
   sentence-transformers  `SentenceTransformer(all-MiniLM-L6-v2).encode(texts, batch_size)`,
                     which sorts by length and pads each batch to its longest; its texts are
                     `title [SEP] text` so both sides read the same wordpieces (its token type
@@ -116,7 +117,7 @@ def generated_kb_blocks(n: int, block_len: int) -> list[dict[str, str]]:
 
 
 def ours(blocks: list[dict[str, str]], block_len: int, batch: int, buckets: int,
-         batch_tokens: int = 0) -> dict:
+         batch_tokens: int = 0, dtype: str = "float32") -> dict:
     from mips import minilm_config
 
     from realm_jax import embedding, initialize, sharding
@@ -127,6 +128,7 @@ def ours(blocks: list[dict[str, str]], block_len: int, batch: int, buckets: int,
     config.model.proj_size = 0  # MiniLM's own mean-pooled output, as sentence-transformers'
     config.data.length_buckets = buckets
     config.refresh.batch_tokens = batch_tokens
+    config.model.bert.dtype = dtype  # compute dtype; the parameters stay float32
     mesh = sharding.make_mesh(dict(config.mesh))
     params, _ = initialize.initial_params(config, ["embedder"], mesh)
     tok = load_tokenizer(config)
@@ -199,6 +201,13 @@ def run(args: argparse.Namespace) -> dict:
             "blocks": len(blocks), **_timing(r), "tokenize_s": r["tokenize_s"],
             "vs_sentence_transformers": r["blocks_per_s"] / st["blocks_per_s"],
             "cosine_to_st_median": _cosine(r["table"], st["table"])}
+    if args.bf16:
+        b = args.buckets[-1]
+        r = ours(blocks, args.block_len, args.batch, b, args.batch_tokens, "bfloat16")
+        rows[f"ours, buckets {b}, bfloat16"] = {
+            "blocks": len(blocks), **_timing(r), "tokenize_s": r["tokenize_s"],
+            "vs_sentence_transformers": r["blocks_per_s"] / st["blocks_per_s"],
+            "cosine_to_st_median": _cosine(r["table"], st["table"])}
     publish_s = {e: publish(config, table, e) for e in ("exact", "scann")}
     kb_blocks = generated_kb_blocks(args.sample, args.block_len)
     kb_rows = {"ours": _timing(ours(kb_blocks, args.block_len, args.batch, args.buckets[-1])),
@@ -248,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-tokens", type=int, default=0,
                         help="also run the last bucket count batching by padded tokens "
                              "(refresh.batch_tokens)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also run the last bucket count with bfloat16 compute "
+                             "(model.bert.dtype): measured, since CPUs differ in bf16 support")
     parser.add_argument("--deb", default="", help="a dict-gcide .deb (else apt-get download)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "realm_bench"))
     parser.add_argument("--out", default="benchmarks/results/refresh_speed.json")
