@@ -33,9 +33,12 @@ Per step the timed phases are (median over `--steps` timed steps; the first step
 follows the ahead-of-time compile and pays first-run costs, and `--warmup` more are untimed):
   data      `next(dataset)`: the time the loop blocks on the grain loader (which prefetches in
             background threads, so most of its CPU cost overlaps the other phases);
-  q-embed   `task.prepare`'s query embedding with the current query tower (a jitted forward
+  q-embed   (`--host-retrieval` only) `task.prepare`'s query embedding with the current
+            query tower, brought to the host (a jitted forward
             of B queries, dispatched from the host);
-  search    top-k search of the index (`Searcher.search`, exact search on device);
+  search    top-k search of the index: with the exact engine one device call that embeds
+            the queries and searches (`EmbedRunner.retrieve_host_rows`, only ids come back);
+            with `--host-retrieval` or ScaNN, `Searcher.search` of host embeddings;
   joins     the rest of `task.prepare`: candidate selection, block tokens, query+block joins,
             ORQA's answer matching and span location, frozen block embeddings;
   transfer  `pipeline.to_global` (host numpy → device arrays);
@@ -105,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=0,
                    help="untimed steps after the first one (compile + first run, never timed)")
+    p.add_argument("--host-retrieval", action="store_true",
+                   help="embed the queries, bring them to the host, then search (the path "
+                        "before retrieval moved on the devices): the before of before/after")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the step's forward, forward+backward and forward+backward "
                         "without dropout, each its own jit (~1 min more per case)")
@@ -315,8 +321,13 @@ def run_case(size: str, task_name: str, args: argparse.Namespace, root: str) -> 
     shard_of = lambda t: jax.tree.map(lambda a: a.sharding, t)  # noqa: E731
     train_step = train.make_train_step(task, optimizer, shard_of(params), shard_of(opt_state))
     clock = PhaseClock()
-    # Whichever the task's prepare calls (embed_host_rows: training batches, multi-host aware).
+    # Whichever the task's prepare calls: with the exact engine one device call embeds and
+    # searches (retrieve_host_rows, timed as "search"); `--host-retrieval` takes the path
+    # before it (embeddings to the host, then the search), for the before/after comparison.
+    if args.host_retrieval:
+        searcher.device_index = None
     clock.instrument(task.queries, ("embed_host_rows", "embed"), "q_embed")
+    clock.instrument(task.queries, ("retrieve_host_rows",), "search")
     clock.instrument(searcher, ("search",), "search")
     data = iter(task.dataset(c.seed))
 

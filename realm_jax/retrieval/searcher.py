@@ -33,6 +33,9 @@ class Searcher:
         self.version = version
         self.engine = engine
         self._index = index
+        # The device-resident exact index (None for ScaNN, which searches on the host): a
+        # caller with queries still on the device searches it without a host round trip.
+        self.device_index: mips.ExactIndex | None = index if engine == "exact" else None
 
     @property
     def step(self) -> int:
@@ -46,11 +49,6 @@ class Searcher:
         """`queries` [B, d] → (ids [B, k] int32, scores [B, k] float32), best first."""
         return self._index.search(np.asarray(queries, np.float32), k)
 
-    @property
-    def device_index(self) -> mips.ExactIndex | None:
-        """The device-resident exact index (None for ScaNN, which searches on the host): a
-        caller with queries still on the device can search it without a host round trip."""
-        return self._index if self.engine == "exact" else None
 
     def embeddings_of(self, ids: np.ndarray) -> np.ndarray:
         """Frozen block embeddings of `ids` [...] → [..., d] float32."""
