@@ -16,6 +16,8 @@ them), from MiniLM (configs/demo_cpu.py), the stages of `realm_jax.stages`:
      of held-out questions against a fresh index before and after pre-training, dev EM with
      and without pre-training, index refreshes, wall time (also WORKDIR/demo_result.json).
 
+The stages are configs/demo_cpu.py's `quick` ones (cut to 15 minutes on 2 cores without
+AVX-512); `--full` runs its longer MiniLM stages, which benchmarks/realm_learning.py measures.
 `--ablation` adds the paper's staleness ablation: the same pre-training with the index never
 refreshed and its fine-tuning, ORQA from the warm starts alone (the paper's ORQA row), and a
 plot of recall and retrieval utility against step (WORKDIR/refresh_ablation.png). A finished
@@ -65,12 +67,15 @@ def plot_curves(pipeline: stages.Pipeline, arms: list[str], out: epath.Path) -> 
 
 
 def run(workdir: epath.PathLike = "runs/demo", ablation: bool = False,
-        question: str | None = None) -> dict[str, Any]:
+        question: str | None = None, full: bool = False) -> dict[str, Any]:
+    """`full`: the config's MiniLM stages (what benchmarks/realm_learning.py measures, ~14
+    minutes on AVX-512 cores) instead of its `quick` ones (the 15-minute budget on AVX2)."""
     t0 = time.time()
     root = epath.Path(workdir)
     # ORQA's reader is MiniLM's encoder with the pre-trained retriever (README "REALM that
     # learns": an encoder warm-started on a CPU budget reads worse than MiniLM).
-    pipeline = stages.Pipeline("demo_cpu", root, train_retriever=True, reader="start")
+    pipeline = stages.Pipeline("demo_cpu", root, start="" if full else "quick",
+                               train_retriever=True, reader="start")
     pre = pipeline.cfg("")
     corpus = loaders.load_corpus(pre)
     print(f"[demo] corpus: {len(corpus)} blocks of ≤{pre.data.block_len} wordpieces "
@@ -148,10 +153,13 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true",
                         help="also pre-train with a never-refreshed index, and plot both")
     parser.add_argument("--question", default=None, help="the question to answer at the end")
+    parser.add_argument("--full", action="store_true",
+                        help="the longer MiniLM stages benchmarks/realm_learning.py measures "
+                             "(about twice the default's time)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     compile_cache.enable()
-    run(args.workdir, args.ablation, args.question)
+    run(args.workdir, args.ablation, args.question, args.full)
 
 
 if __name__ == "__main__":

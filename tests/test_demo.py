@@ -21,6 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def small_config(pipeline: str, stage: str, **overrides):
     """configs/tiny.py shaped like configs/demo_cpu.py's stages, a few steps each."""
     assert pipeline == "demo_cpu"
+    start, _, stage = stage.rpartition(",")
+    assert start == "quick"  # the demo's budget stages
     c = defaults.load_config(os.path.join(REPO, "configs/tiny.py"))
     c.unlock()
     c.refresh.update(mode="sync", every_steps=1, keep=2)
