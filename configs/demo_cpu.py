@@ -147,17 +147,21 @@ def _quick_steps(c, stage: str) -> None:
     """The demo's budget (`./launch/demo.sh`: 15 minutes on 2 cores without AVX-512, ~6.5 on
     AVX-512): MiniLM's stages cut to what the budget holds. What learning they show is in
     README "REALM that learns"; `benchmarks/realm_learning.py --starts minilm` measures the
-    longer stages above over seeds."""
+    longer stages above over seeds.
+
+    Measured with mlm 20 × 16, ICT 30, REALM 20 × 16 and ORQA 25: 9.7 minutes here (REALM
+    255 s of it: a step of 16 sentences is ~0.5 TFLOP through MiniLM, ~7 s), ~22 on AVX2;
+    hence REALM's batch of 8 and the shorter warm starts and ORQA below."""
     if stage == "mlm":
-        c.train.update(batch_size=16, steps=20, warmup_steps=4, checkpoint_every=20)
+        c.train.update(batch_size=8, steps=20, warmup_steps=4, checkpoint_every=20)
     elif stage == "ict":
-        c.train.update(steps=30, warmup_steps=6, checkpoint_every=30)
+        c.train.update(steps=20, warmup_steps=4, checkpoint_every=20)
     elif stage == "orqa":
-        c.train.update(steps=25, warmup_steps=3, checkpoint_every=25)
+        c.train.update(steps=20, warmup_steps=3, checkpoint_every=20)
     else:  # REALM: frozen 6 steps, index refreshed at step 10, evaluated at 0 and 20
-        c.train.update(steps=20, warmup_steps=6, checkpoint_every=10,
+        c.train.update(batch_size=8, steps=20, warmup_steps=6, checkpoint_every=10,
                        freeze_steps={"embedder": 6})
-        c.eval.every_steps = 20
+        c.eval.update(every_steps=20, heldout_sentences=32)
 
 
 def _scratch(c) -> None:
