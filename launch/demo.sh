@@ -3,7 +3,7 @@
 # warm-start the retriever (ICT) and the encoder (reading MLM) from MiniLM, pre-train REALM on
 # the generated knowledge base with the index refresher as a subprocess, fine-tune ORQA from it
 # and from MiniLM alone, evaluate on held-out people, answer a question with evidence.
-# About 10 minutes on 2 cores with AVX-512, ~22 without (README "REALM that learns"; --full:
+# About 7 minutes on 2 cores with AVX-512, ~16 without (README "REALM that learns"; --full:
 # the longer stages, ~14 and ~30).
 # Extra arguments go to `python -m realm_jax.demo` (--workdir DIR, --ablation, --question "...").
 set -euo pipefail
