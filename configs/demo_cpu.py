@@ -153,7 +153,8 @@ def _quick_steps(c, stage: str) -> None:
 
     Measured with mlm 20 × 16, ICT 30, REALM 20 × 16 and ORQA 25: 9.7 minutes here (REALM
     255 s of it: a step of 16 sentences is ~0.5 TFLOP through MiniLM, ~7 s), ~22 on AVX2;
-    hence REALM's batch of 8 and the shorter warm starts and ORQA below."""
+    hence REALM's batch of 8 and the shorter warm starts and ORQA below: 7.0 minutes here
+    (REALM 157 s), ~16 estimated on AVX2."""
     if stage == "mlm":
         c.train.update(batch_size=8, steps=20, warmup_steps=4, checkpoint_every=20)
     elif stage == "ict":
