@@ -78,15 +78,17 @@ def _embed_fn(cfg: RealmModelConfig, mesh, rules) -> Callable:
 def _retrieve_fn(cfg: RealmModelConfig, mesh, rules, index_rules, k: int, num_valid: int,
                  use_approx: bool, recall_target: float, chunk_rows: int | None) -> Callable:
     """[B, L] ids, mask, types + a row-sharded [N_padded, d] table → top-k (ids, scores)
-    [B, k], replicated: the query embeddings never leave the devices (one jitted call where
+    [B, k], replicated, and whether every query embedding was finite (the check the host
+    search made): the query embeddings never leave the devices (one jitted call where
     embedding, a device → host copy, an upload and a search were four steps)."""
     module = Embedder(cfg)
 
     def retrieve(p, table, ids, mask, types):
         q = module.apply({"params": p}, ids, mask, types).astype(jnp.float32)  # [B, d]
-        return mips.sharded_exact_search(table, q, k, mesh=mesh, num_valid=num_valid,
-                                         rules=index_rules, use_approx=use_approx,
-                                         recall_target=recall_target, chunk_rows=chunk_rows)
+        top_ids, scores = mips.sharded_exact_search(
+            table, q, k, mesh=mesh, num_valid=num_valid, rules=index_rules,
+            use_approx=use_approx, recall_target=recall_target, chunk_rows=chunk_rows)
+        return top_ids, scores, jnp.all(jnp.isfinite(q))
 
     return sharding.jit_sharded(retrieve, mesh, rules, out_shardings=sharding.replicated(mesh))
 
@@ -268,13 +270,21 @@ class EmbedRunner:
                            ) -> tuple[np.ndarray, np.ndarray]:
         """This host's [b, L] query rows → their top-k (ids, scores) [b, k] in `index`,
         embedded and searched in one call on the devices; only ids and scores come back.
-        Equal to `embed_host_rows` then `index.search` (the same float32 scores)."""
+        Equal to `embed_host_rows` then `index.search` (the same float32 scores).
+
+        Raises:
+          ValueError: k out of range, or a query embedding is not finite (a diverged query
+            tower: its ids would be arbitrary).
+        """
         k = mips.check_k(k, index.num_valid)
         placed, rows = self._place_host_rows((ids, mask, types))
         fn = _retrieve_fn(self._cfg, self.mesh, self.rules, tuple(index.rules), k,
                           index.num_valid, index.use_approx, index.recall_target,
                           index.chunk_rows)
-        top_ids, scores = fn(params, index.table, *placed)  # [B_global, k] each
+        top_ids, scores, finite = fn(params, index.table, *placed)  # [B_global, k] each
+        if not bool(finite):
+            raise ValueError("query embeddings contain NaN or inf: the query tower has "
+                             "diverged, so its search results would be arbitrary")
         return np.asarray(top_ids)[rows], np.asarray(scores)[rows]
 
 

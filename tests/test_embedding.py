@@ -141,6 +141,9 @@ def test_retrieval_on_the_devices_equals_embedding_then_search(setup):
     np.testing.assert_array_equal(got, want_ids)
     with pytest.raises(ValueError, match="k"):
         runner_.retrieve_host_rows(params, *arrays, index, 42)
+    nan = jax.tree.map(lambda a: a * np.nan, params)  # a diverged tower: refused, as on host
+    with pytest.raises(ValueError, match="NaN or inf"):
+        runner_.retrieve_host_rows(nan, *arrays, index, 7)
 
 
 def test_query_rows_padded_and_cut_back(setup):
