@@ -9,8 +9,9 @@ MiniLM, on a 2-core CPU.
     python -m realm_jax.train --config configs/demo_cpu.py:orqa --workdir runs/demo/orqa_refresh \\
         --config.init.path=minilm --config.init.embedder_path=runs/demo/realm_refresh
 
-Args: `[scratch,]STAGE` — the stages of `realm_jax.stages`, from MiniLM (default) or, with
-"scratch,", from a 2-layer, 128-wide BERT with random init (the paper's setting in miniature):
+Args: `[quick,|scratch,]STAGE` — the stages of `realm_jax.stages`, from MiniLM (default; with
+"quick," the shorter stages `./launch/demo.sh` runs, `_quick_steps`) or, with "scratch,", from
+a 2-layer, 128-wide BERT with random init (the paper's setting in miniature):
   ""          REALM pre-training, the refresher re-embedding the corpus as a subprocess;
   "norefresh" the paper's ablation: the same pre-training with the index never refreshed;
   "ict"       the retriever's warm start (Inverse Cloze Task);
@@ -51,7 +52,8 @@ Why these choices (README "REALM that learns" has the measurements, one seed):
     found the person; recall@1 (also logged) whether it found the block with the fact, and
     with a beam of 2 that is what the reader's answers depend on.
 
-Budget (MiniLM-L6: ~21 MFLOP per token forward, ~64 with the backward): mlm 50 × 32 × 72
+Budget of the default (longer) stages (MiniLM-L6: ~21 MFLOP per token forward, ~64 with the
+backward): mlm 50 × 32 × 72
 tokens ≈ 9 TFLOP; ict 60 × 16 × 72 ≈ 4; REALM 30 steps × 16 × (24 + 4 × 48 + 4 × 72) tokens
 ≈ 16, plus 2 refreshes and 3 evaluations of 1,456 × 48 tokens ≈ 7; two ORQA runs of
 40 × 16 × (24 + 2 × 80) ≈ 15, each with its frozen index ≈ 3: about 55 TFLOP, ~12 minutes at
