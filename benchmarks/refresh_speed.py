@@ -188,26 +188,16 @@ def run(args: argparse.Namespace) -> dict:
     for b in args.buckets:
         subset = blocks if b > 1 else blocks[:args.sample]
         r = ours(subset, args.block_len, args.batch, b)
-        rows[f"ours, buckets {b}"] = {
-            "blocks": len(subset), **_timing(r), "tokenize_s": r["tokenize_s"],
-            "vs_sentence_transformers": r["blocks_per_s"] / st["blocks_per_s"],
-            "cosine_to_st_median": _cosine(r["table"], st["table"][:len(subset)])}
+        rows[f"ours, buckets {b}"] = _ours_row(r, len(subset), st)
         if b > 1 and table is None:
             table, lengths, config = r["table"], r["lengths"], r["config"]
+    b = args.buckets[-1]
     if args.batch_tokens:
-        b = args.buckets[-1]
         r = ours(blocks, args.block_len, args.batch, b, args.batch_tokens)
-        rows[f"ours, buckets {b}, {args.batch_tokens} tok"] = {
-            "blocks": len(blocks), **_timing(r), "tokenize_s": r["tokenize_s"],
-            "vs_sentence_transformers": r["blocks_per_s"] / st["blocks_per_s"],
-            "cosine_to_st_median": _cosine(r["table"], st["table"])}
+        rows[f"ours, buckets {b}, {args.batch_tokens} tok"] = _ours_row(r, len(blocks), st)
     if args.bf16:
-        b = args.buckets[-1]
         r = ours(blocks, args.block_len, args.batch, b, args.batch_tokens, "bfloat16")
-        rows[f"ours, buckets {b}, bfloat16"] = {
-            "blocks": len(blocks), **_timing(r), "tokenize_s": r["tokenize_s"],
-            "vs_sentence_transformers": r["blocks_per_s"] / st["blocks_per_s"],
-            "cosine_to_st_median": _cosine(r["table"], st["table"])}
+        rows[f"ours, buckets {b}, bfloat16"] = _ours_row(r, len(blocks), st)
     publish_s = {e: publish(config, table, e) for e in ("exact", "scann")}
     kb_blocks = generated_kb_blocks(args.sample, args.block_len)
     kb_rows = {"ours": _timing(ours(kb_blocks, args.block_len, args.batch, args.buckets[-1])),
@@ -221,6 +211,13 @@ def run(args: argparse.Namespace) -> dict:
                        "share_at_block_len": float((lengths >= args.block_len).mean())},
             "batch": args.batch, "rows": rows, "publish_s": publish_s,
             "generated_kb": {"blocks": len(kb_blocks), **kb_rows}}
+
+
+def _ours_row(r: dict, n: int, st: dict) -> dict:
+    """A table row of ours over the first `n` blocks, against sentence-transformers' `st`."""
+    return {"blocks": n, **_timing(r), "tokenize_s": r["tokenize_s"],
+            "vs_sentence_transformers": r["blocks_per_s"] / st["blocks_per_s"],
+            "cosine_to_st_median": _cosine(r["table"], st["table"][:n])}
 
 
 def _timing(r: dict) -> dict:

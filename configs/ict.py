@@ -21,7 +21,6 @@ before, during and after; "tiny" / "runlocal" is the 1-layer model of `configs/t
 `arg`: "" (the paper run) | "demo" (CPU, MiniLM) | "tiny" / "runlocal" (seconds per step).
 """
 
-
 import ml_collections
 
 from realm_jax import defaults

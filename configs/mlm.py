@@ -28,7 +28,6 @@ Args:
     python -m realm_jax.train --config configs/mlm.py:scratch --workdir runs/mlm_scratch
 """
 
-
 import ml_collections
 
 from realm_jax import defaults

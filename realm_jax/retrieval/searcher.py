@@ -49,7 +49,6 @@ class Searcher:
         """`queries` [B, d] → (ids [B, k] int32, scores [B, k] float32), best first."""
         return self._index.search(np.asarray(queries, np.float32), k)
 
-
     def embeddings_of(self, ids: np.ndarray) -> np.ndarray:
         """Frozen block embeddings of `ids` [...] → [..., d] float32."""
         return np.asarray(self.version.embeddings[np.asarray(ids)], np.float32)

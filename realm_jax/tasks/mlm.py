@@ -12,8 +12,7 @@ device — the encoder reads `[CLS] text [SEP]` as one candidate (K = 1) and the
 mean cross-entropy over masked positions. Shapes: B batch, L max_len, M max_masks, V vocab.
 
 Config (`defaults.base_config` `mlm`): source "corpus" | "sentences" | "reading" | "facts",
-masking,
-max_len (0 = data.block_len), max_masks (0 = data.max_masks), eval_examples (0 =
+masking, max_len (0 = data.block_len), max_masks (0 = data.max_masks), eval_examples (0 =
 eval.max_examples or 256).
 Evaluation: the held-out MLM loss and accuracy on a fixed set of masked examples — on the
 generated KB the pre-training sentences of the entities in `eval.split`, otherwise the last
