@@ -64,6 +64,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mesh", default="", help="e.g. fsdp=-1 or data=4,fsdp=2 (default: config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="config override, e.g. --set model.bert.remat=true")
+    p.add_argument("--blocks", type=int, default=13_353_718,
+                   help="index rows ORQA's step reads its block embeddings from (default: "
+                        "REALM's Wikipedia, 13,353,718 blocks)")
     p.add_argument("--arg", default="", help="config arg: tiny for a seconds-long smoke run")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/aot.json"))
     return p.parse_args(argv)  # one-word flags: no spelling to normalise
@@ -123,7 +126,7 @@ def compile_case(task_name: str, args: argparse.Namespace, devices: list) -> dic
     params, opt_state = train.abstract_train_state(config, task.towers, mesh, optimizer)
     step = train.make_train_step(task, optimizer, train._shardings(params),
                                  train._shardings(opt_state))
-    inputs = task.abstract_inputs(int(config.train.batch_size))
+    inputs = task.abstract_inputs(int(config.train.batch_size), args.blocks)
     key = jax.eval_shape(jax.random.key, 0)
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
     with sharding.activate(mesh, task.rules):  # as the step's first call traces it

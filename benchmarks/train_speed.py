@@ -9,7 +9,7 @@ Run:
 Each case is one task (`realm_mlm` pre-training, `orqa` fine-tuning) at one model size, built
 from the same pieces `realm_jax.train.train` uses (mesh, corpus, `tasks.make_task`,
 `optim.make_optimizer`, `train.init_state`, `train.make_train_step`, an index published by
-the refresher, `task.dataset`, `task.prepare`, `pipeline.to_global`) and stepped as the
+the refresher, `task.dataset`, `task.prepare`, `task.device_inputs`) and stepped as the
 training loop steps it: host work and the jitted device step run one after the other.
 
 Sizes:
@@ -41,7 +41,7 @@ follows the ahead-of-time compile and pays first-run costs, and `--warmup` more 
             with `--host-retrieval` or ScaNN, `Searcher.search` of host embeddings;
   joins     the rest of `task.prepare`: candidate selection, block tokens, query+block joins,
             ORQA's answer matching and span location, frozen block embeddings;
-  transfer  `pipeline.to_global` (host numpy → device arrays);
+  transfer  `Task.device_inputs` (host numpy → device arrays);
   device    the jitted train step (forward, backward, AdamW), until its outputs are ready.
 Steps/s = 1 / median(sum of the phases). Parts of the device step, each its own jit, run
 right after every step (so they see the same machine load; `step_parts`): the AdamW update
@@ -296,7 +296,6 @@ def run_case(size: str, task_name: str, args: argparse.Namespace, root: str) -> 
     from realm_jax import optim, sharding, train
     from realm_jax.data import loaders
     from realm_jax.data.joins import tokenize_corpus
-    from realm_jax.data.pipeline import to_global
     from realm_jax.retrieval import store
     from realm_jax.retrieval.searcher import open_searcher
     from realm_jax.tasks import make_task
@@ -338,7 +337,7 @@ def run_case(size: str, task_name: str, args: argparse.Namespace, root: str) -> 
         t1 = time.perf_counter()
         host_inputs, _ = task.prepare(batch, params, searcher)
         t2 = time.perf_counter()
-        inputs = jax.block_until_ready(to_global(host_inputs, mesh, task.rules))
+        inputs = jax.block_until_ready(task.device_inputs(host_inputs, searcher))
         t3 = time.perf_counter()
         phases = {"data": t1 - t0, "q_embed": clock.t["q_embed"], "search": clock.t["search"],
                   "joins": (t2 - t1) - clock.t["q_embed"] - clock.t["search"],

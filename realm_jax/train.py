@@ -21,8 +21,8 @@ Multi-host (a TPU pod: `--multihost`, one process per host): every host runs thi
 global mesh. Each host reads its rows of every global batch (`data.pipeline`: the same global
 batches whatever the number of hosts), retrieves for them (`tasks.common.retrieve_host_rows`:
 exact search is a collective over all hosts' queries), and contributes them to global arrays
-(`to_global`). Every collective (the step, search, index refresh, checkpoint save) is entered
-by all hosts in the same order; decisions that gate one come from the primary
+(`Task.device_inputs`). Every collective (the step, search, index refresh, checkpoint save)
+is entered by all hosts in the same order; decisions that gate one come from the primary
 (`realm_jax.multihost`). Only the primary writes config.json, metrics and TensorBoard; orbax
 writes checkpoints from all hosts; the primary alone publishes in-process index versions.
 Host-side metrics (e.g. `gold_recall_at_k`) are averaged over hosts, the rest are global.
@@ -59,7 +59,6 @@ from realm_jax import (
 )
 from realm_jax.data import loaders
 from realm_jax.data.joins import tokenize_corpus
-from realm_jax.data.pipeline import to_global
 from realm_jax.retrieval.live import LiveIndex
 from realm_jax.retrieval.refresher import Refresher
 from realm_jax.tasks import Task, make_task
@@ -357,7 +356,7 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
             live.before_step(step, params)
             host_inputs, host_metrics = task.prepare(batch, params, live.searcher)
             host_metrics = _mean_over_hosts(host_metrics)
-            inputs = to_global(host_inputs, mesh, task.rules)
+            inputs = task.device_inputs(host_inputs, live.searcher)
             if inject_nan_at is not None and step == inject_nan_at:
                 params = jax.tree.map(lambda x: x * jnp.nan, params)
             rng = jax.random.fold_in(jax.random.key(c.seed), step)

@@ -9,7 +9,7 @@ process × 8 devices on the same data, and that the 2-process checkpoint restore
 global batch (tests below check that the global batch does not depend on the number of hosts).
 A second, quicker 2-process test checks the agreement helpers and an external-mode LiveIndex
 whose hosts' watchers disagree; the rest run in this process (per-host query embedding, and
-that `Task.abstract_inputs`, which benchmarks/aot.py compiles for, matches `Task.prepare`).
+that `Task.abstract_inputs`, which benchmarks/aot.py compiles for, matches `Task.device_inputs`).
 Workers are tests/multihost_worker.py, killed on failure or after TIMEOUT_S.
 """
 
@@ -124,10 +124,10 @@ def test_prepare_builds_the_abstract_inputs(task_name, tmp_path, eight_devices):
     mesh = sharding.make_mesh(dict(config.mesh), eight_devices)
     task, params, searcher = task_with_random_index(config, mesh, str(tmp_path))
     inputs, _ = task.prepare(next(iter(task.dataset(0))), params, searcher)
-    abstract = task.abstract_inputs(config.train.batch_size)
-    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in inputs.items()} == \
+    placed = task.device_inputs(inputs, searcher)
+    abstract = task.abstract_inputs(config.train.batch_size, searcher.num_blocks)
+    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in placed.items()} == \
         {k: (v.shape, np.dtype(v.dtype)) for k, v in abstract.items()}
-    placed = pipeline.to_global(inputs, mesh, task.rules)
     assert all(placed[k].sharding == abstract[k].sharding for k in abstract)
 
 

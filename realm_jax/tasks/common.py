@@ -24,6 +24,7 @@ from etils import epath
 from realm_jax import defaults, sharding
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.joins import TokenizedBlocks
+from realm_jax.data.pipeline import to_global
 from realm_jax.data.tokenizer import WordPiece
 from realm_jax.embedding import EmbedRunner, HostQueries, block_runner, query_runner
 from realm_jax.retrieval.searcher import Searcher
@@ -128,9 +129,9 @@ def fresh_searcher(config: ml_collections.ConfigDict, mesh, embedder_params: PyT
     embedder = embedder or block_runner(config, mesh)
     table = embedder.embed_blocks(embedder_params, blocks, console=False)  # [N, d]
     version = IndexVersion(step=-1, embeddings=table, meta={}, path=epath.Path("<fresh>"))
-    index = mips.ExactIndex.build(table, mesh, dtype=config.retrieval.table_dtype,
-                                  rules=tuple(tuple(x) for x in config.rules))
-    return Searcher(version, "exact", index)
+    rules = tuple(tuple(x) for x in config.rules)
+    index = mips.ExactIndex.build(table, mesh, dtype=config.retrieval.table_dtype, rules=rules)
+    return Searcher(version, "exact", index, mesh, rules)
 
 
 class GoldRecall:
@@ -219,13 +220,22 @@ class Task(abc.ABC):
         """{name: (shape, dtype)} of the device inputs `prepare` builds, for a global batch of
         `batch_size` (all hosts' rows): the train step's input signature without any data."""
 
-    def abstract_inputs(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """`input_shapes` laid out as `to_global` lays them out: arguments for
-        `jax.jit(step).lower(...)` (ahead-of-time compilation, benchmarks/aot.py)."""
+    def abstract_inputs(self, batch_size: int, num_blocks: int = 0
+                        ) -> dict[str, jax.ShapeDtypeStruct]:
+        """`device_inputs`' layout without data: arguments for `jax.jit(step).lower(...)`
+        (ahead-of-time compilation, benchmarks/aot.py). `num_blocks`: the index size, for a
+        task whose step reads the index on the devices (ORQA)."""
         return {k: jax.ShapeDtypeStruct(
                     shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape),
                                                                    self.rules))
                 for k, (shape, dtype) in self.input_shapes(batch_size).items()}
+
+    def device_inputs(self, host_inputs: dict[str, Any], searcher: Searcher | None
+                      ) -> dict[str, Any]:
+        """The train step's inputs: `prepare`'s per-host arrays laid out over the mesh
+        (`to_global`), plus what the step reads from arrays already on the devices (ORQA:
+        the frozen index's table) instead of a host copy sent with every batch."""
+        return to_global(host_inputs, self.mesh, self.rules)
 
     @abc.abstractmethod
     def loss(self, params: PyTree, inputs: dict[str, jax.Array], rng: jax.Array

@@ -6,8 +6,9 @@ Per batch of questions:
           expression answer: the text it matches in them); join each question with its top
           R = reader_beam_size blocks and locate the answer spans;
   device: re-embed the questions (trainable), score them against the S frozen block embeddings
-          (the retriever's logits), read the top R with the span reader, and take ORQA's loss
-          (retriever and reader marginal log-likelihoods).
+          (the retriever's logits; gathered from the index table already on the devices, so
+          no [B, S, d] copy crosses from the host), read the top R with the span reader, and
+          take ORQA's loss (retriever and reader marginal log-likelihoods).
 
 Batched over questions: the released ORQA trains on one question per step; we do not copy
 that limitation. Shapes: B batch, S searcher beam, R reader beam, L reader_len, A answer
@@ -27,6 +28,7 @@ from realm_jax.data.qa import answers_in
 from realm_jax.models import Embedder, SpanReader
 from realm_jax.models.losses import orqa_loss
 from realm_jax.models.reader import correct_spans, orqa_logits, span_candidates
+from realm_jax.retrieval import mips
 from realm_jax.retrieval.searcher import Searcher
 from realm_jax.tasks.common import PyTree, Task, retrieve_host_rows
 
@@ -76,7 +78,7 @@ class Orqa(Task):
         inputs = {
             "question_ids": batch["question_ids"], "question_mask": batch["question_mask"],
             "question_types": batch["question_types"],
-            "block_emb": searcher.embeddings_of(ids),  # [B, S, d] frozen
+            "block_ids": ids.astype(np.int32),  # [B, S]: rows of the frozen table
             "retrieval_correct": retrieval_correct,
             "reader_ids": reader.input_ids, "reader_mask": reader.attention_mask,
             "reader_types": reader.token_type_ids, "block_mask": reader.block_mask,
@@ -94,14 +96,27 @@ class Orqa(Task):
                  for m in answers_in(self.corpus[int(b)]["text"], patterns, is_regex=True)]
         return list(dict.fromkeys(found))
 
+    def device_inputs(self, host_inputs, searcher: Searcher):
+        return {**super().device_inputs(host_inputs, searcher),
+                "block_table": searcher.device_table().table}  # [N_padded, d], row-sharded
+
+    def abstract_inputs(self, batch_size: int, num_blocks: int = 0):
+        """With the frozen table of `num_blocks` rows (at least the searcher beam), stored
+        in `retrieval.table_dtype`."""
+        rows = mips.padded_rows(max(num_blocks, self.searcher_beam), self.mesh, self.rules)
+        d = self.cfg.proj_size or self.cfg.bert.hidden_size
+        dtype = mips.table_dtype(self.config.retrieval.table_dtype)
+        return {**super().abstract_inputs(batch_size),
+                "block_table": jax.ShapeDtypeStruct(
+                    (rows, d), dtype, sharding=mips.table_sharding(self.mesh, self.rules))}
+
     def input_shapes(self, batch_size: int):
         """Assumes at least `searcher_beam_size` blocks (`prepare` clips S to the index)."""
         b, s, r, i32 = batch_size, self.searcher_beam, self.reader_beam, np.int32
-        d = self.cfg.proj_size or self.cfg.bert.hidden_size
         reader = (b, r, self.reader_len)
         shapes = {f"question_{f}": ((b, self.query_len), i32) for f in ("ids", "mask", "types")}
         shapes.update({f"reader_{f}": (reader, i32) for f in ("ids", "mask", "types")})
-        shapes.update(block_emb=((b, s, d), np.float32), retrieval_correct=((b, s), np.bool_),
+        shapes.update(block_ids=((b, s), i32), retrieval_correct=((b, s), np.bool_),
                       block_mask=(reader, i32), gold_starts=((b, r, MAX_ANSWER_SPANS), i32),
                       gold_ends=((b, r, MAX_ANSWER_SPANS), i32))
         return shapes
@@ -112,7 +127,9 @@ class Orqa(Task):
         q = self.embedder.apply({"params": params["query_embedder"]}, x["question_ids"],
                                 x["question_mask"], x["question_types"], deterministic=False,
                                 rngs={"dropout": r_query})  # [B, d]
-        retrieval_logits = jnp.einsum("bd,bsd->bs", q, x["block_emb"])  # [B, S]
+        block_emb = mips.sharded_gather_rows(x["block_table"], x["block_ids"], mesh=self.mesh,
+                                             rules=self.rules)  # [B, S, d], frozen
+        retrieval_logits = jnp.einsum("bd,bsd->bs", q, block_emb.astype(q.dtype))  # [B, S]
         r = x["reader_ids"].shape[1]
         span_logits = self.reader.apply(
             {"params": params["reader"]}, x["reader_ids"], x["reader_mask"], x["reader_types"],

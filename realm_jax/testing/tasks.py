@@ -25,7 +25,7 @@ def task_with_random_index(config: Any, mesh: Any, index_dir: str, seed: int = 0
     d = config.model.proj_size or config.model.bert.hidden_size
     table = np.random.default_rng(seed).normal(size=(len(corpus), d)).astype(np.float32)
     version = store.IndexVersion(0, table, {}, epath.Path(index_dir))
-    return task, params, Searcher(version, "exact", mips.ExactIndex.build(table, mesh))
+    return task, params, Searcher(version, "exact", mips.ExactIndex.build(table, mesh), mesh)
 
 
 def towers_of(config: Any) -> tuple[str, ...]:
