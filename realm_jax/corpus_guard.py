@@ -27,7 +27,7 @@ import logging
 
 from etils import epath
 
-from realm_jax import checkpoints, multihost, workdir_lock
+from realm_jax import multihost, run_checkpoints, workdir_lock
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.errors import UserError
 from realm_jax.retrieval import store
@@ -63,7 +63,7 @@ def _both(old: dict, corpus: BlockCorpus) -> tuple[str, str]:
 
 def _has_state(workdir: epath.Path) -> bool:
     """Whether the workdir holds something made from its corpus: a checkpoint or an index."""
-    ckpt = checkpoints.checkpoint_dir(workdir)
+    ckpt = run_checkpoints.checkpoint_dir(workdir)
     has_step = ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
     return has_step or bool(store.list_steps(workdir))
 

@@ -13,7 +13,7 @@ import os
 import ml_collections
 from etils import epath
 
-from realm_jax import checkpoints, defaults, initialize, restore, sharding
+from realm_jax import checkpoints, defaults, initialize, restore, run_checkpoints, sharding
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.retrieval import store
 
@@ -62,7 +62,7 @@ def detect(root: epath.Path) -> str:
             "then Realm.load('OUT')")
     if (root / "config.json").exists():
         raise FileNotFoundError(
-            f"{checkpoints.checkpoint_dir(root)} does not exist: no checkpoint yet; train "
+            f"{run_checkpoints.checkpoint_dir(root)} does not exist: no checkpoint yet; train "
             f"first: {_run_cmd(root)}")
     raise FileNotFoundError(f"{root} has no config.json: not a training workdir (written by "
                             f"{_run_cmd(root)}) nor a converted open-QA directory")
@@ -92,7 +92,7 @@ def restore_run(root: epath.Path, step: int | None, config, mesh) -> tuple[int, 
     """The query tower (and the reader, if trained) of checkpoint `step`, sharded on `mesh`;
     an unreadable one is named with the steps that do load."""
     targets = functools.partial(_query_and_reader, config=config, mesh=mesh,
-                                where=checkpoints.checkpoint_dir(root))
+                                where=run_checkpoints.checkpoint_dir(root))
     with restore.reading(root) as manager:
         steps = sorted(manager.all_steps())
         try:

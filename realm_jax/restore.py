@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from realm_jax import checkpoints, multihost
+from realm_jax import multihost, run_checkpoints
 from realm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def step_dir(manager: Any, step: int) -> str:
 
 
 def restore_step(manager: Any, step: int, items: Mapping[str, Any]) -> dict[str, Any]:
-    """`checkpoints.restore_items`, with its failures as one-line errors naming the step.
+    """`run_checkpoints.restore_items`, with its failures as one-line errors naming the step.
 
     Raises:
       ModelChanged: the arrays have other shapes, or the tree other parameters, than `items`.
@@ -101,7 +101,7 @@ def restore_step(manager: Any, step: int, items: Mapping[str, Any]) -> dict[str,
     """
     _drop_closed_loop_reports()
     try:
-        return checkpoints.restore_items(manager, step, items)
+        return run_checkpoints.restore_items(manager, step, items)
     except Exception as e:  # noqa: BLE001  orbax raises bare Exceptions for unreadable files
         text, where = str(e), step_dir(manager, step)
         shape, tree = _SHAPE.search(text), _TREE.search(text)
@@ -162,7 +162,7 @@ def restore_newest(manager: Any, items: Mapping[str, Any]
 def reading(workdir: Any) -> Iterator[Any]:
     """`workdir`'s checkpoints, opened read-only (another process may be writing them) and
     closed whatever happens."""
-    manager = checkpoints.checkpoint_manager(workdir, read_only=True)
+    manager = run_checkpoints.checkpoint_manager(workdir, read_only=True)
     try:
         yield manager
     finally:

@@ -47,13 +47,13 @@ import optax
 from etils import epath
 
 from realm_jax import (
-    checkpoints,
     corpus_guard,
     defaults,
     initialize,
     multihost,
     optim,
     restore,
+    run_checkpoints,
     sharding,
     workdir_lock,
 )
@@ -114,11 +114,11 @@ def _set_aside(workdir: epath.Path, steps: Sequence[int]) -> None:
     orbax would never save those steps again, and every resume would trip on them."""
     if not steps or not multihost.is_primary():
         return
-    aside = workdir / f"{checkpoints.CHECKPOINT_DIR}.unreadable"
+    aside = workdir / f"{run_checkpoints.CHECKPOINT_DIR}.unreadable"
     aside.mkdir(parents=True, exist_ok=True)
     for step in steps:
         target = aside / f"{step}-{int(time.time())}"
-        (checkpoints.checkpoint_dir(workdir) / str(step)).rename(target)
+        (run_checkpoints.checkpoint_dir(workdir) / str(step)).rename(target)
         log.warning("moved unreadable checkpoint %d to %s", step, target)
 
 
@@ -149,7 +149,7 @@ def init_state(config: ml_collections.ConfigDict, workdir: epath.Path, towers: S
         if restored is None:
             if origin == "resume":
                 raise FileNotFoundError(f"config.resume={source}: no checkpoint in "
-                                        f"{checkpoints.checkpoint_dir(source)}")
+                                        f"{run_checkpoints.checkpoint_dir(source)}")
             continue
         step, params, opt_state, data_state, unreadable = restored
         if origin == "workdir":  # another run's (config.resume) are not ours to move
@@ -274,7 +274,7 @@ def train(
     t_start = time.time()
     c = config
     check_config(c)  # before anything is written
-    workdir = workdir_lock.make_dir(checkpoints.absolute(workdir), "workdir")
+    workdir = workdir_lock.make_dir(run_checkpoints.absolute(workdir), "workdir")
     # One trainer per workdir, for the whole run (before config.json is rewritten).
     with workdir_lock.hold(workdir_lock.trainer_lock(workdir), "trainer"):
         return _train(c, workdir, t_start, progress, inject_nan_at)
@@ -315,7 +315,7 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
         log.warning("train.keep_checkpoints=%d raised to %d: the refresher embeds checkpoints "
                     "behind the trainer, and a resume falls back past unreadable ones", keep,
                     MIN_KEPT_CHECKPOINTS)
-    manager = checkpoints.checkpoint_manager(workdir, keep=max(keep, MIN_KEPT_CHECKPOINTS))
+    manager = run_checkpoints.checkpoint_manager(workdir, keep=max(keep, MIN_KEPT_CHECKPOINTS))
     mode = task.index_mode or c.refresh.mode
     if mode != c.refresh.mode:
         log.info("refresh.mode=%s does not apply: task %s needs index mode %r", c.refresh.mode,
@@ -371,7 +371,7 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
                 raise FloatingPointError(
                     f"non-finite loss {metrics['loss']} (grad norm {metrics['grad_norm']}) at "
                     f"step {step}; the last good checkpoint is {manager.latest_step()} in "
-                    f"{checkpoints.checkpoint_dir(workdir)}")
+                    f"{run_checkpoints.checkpoint_dir(workdir)}")
             metrics.update(host_metrics, index_swaps=live.swaps)
             if live.index_step is not None:
                 metrics["index_step"] = live.index_step
@@ -382,7 +382,7 @@ def _train(c: ml_collections.ConfigDict, workdir: epath.Path, t_start: float, pr
             steps_since += 1
             history.append({"step": step, **metrics})
             if step % c.train.checkpoint_every == 0 or step == total:
-                checkpoints.save_train_state(manager, step, params, opt_state, data_state,
+                run_checkpoints.save_train_state(manager, step, params, opt_state, data_state,
                                              {**meta, "index_step": live.index_step})
             if step % c.train.log_every == 0 or step == total:
                 now = time.time()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from realm_jax import checkpoints, defaults
+from realm_jax import defaults, run_checkpoints
 from realm_jax.corpus_guard import CorpusChanged, check, check_source, record_path
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.loaders import load_corpus
@@ -23,7 +23,7 @@ def test_first_start_records_and_the_same_corpus_resumes(tmp_path):
     record = json.loads(record_path(tmp_path).read_text())
     assert record == {"fingerprint": OLD.fingerprint, "num_blocks": 2,
                       "description": OLD.description}
-    (checkpoints.checkpoint_dir(tmp_path) / "1").mkdir(parents=True)
+    (run_checkpoints.checkpoint_dir(tmp_path) / "1").mkdir(parents=True)
     assert check(tmp_path, OLD) is False
 
 
@@ -35,7 +35,7 @@ def test_nothing_to_resume_takes_the_new_corpus(tmp_path):
 
 def test_another_corpus_is_refused_naming_both_and_the_record(tmp_path):
     check(tmp_path, OLD)
-    (checkpoints.checkpoint_dir(tmp_path) / "5").mkdir(parents=True)
+    (run_checkpoints.checkpoint_dir(tmp_path) / "5").mkdir(parents=True)
     before = record_path(tmp_path).read_text()
     with pytest.raises(CorpusChanged) as error:
         check(tmp_path, NEW)
@@ -52,7 +52,7 @@ def test_a_resume_source_on_another_corpus_is_refused_unless_allowed(tmp_path):
     source.mkdir()
     assert check_source(source, NEW) is False  # no record (an older run): not checked
     check(source, OLD)
-    (checkpoints.checkpoint_dir(source) / "5").mkdir(parents=True)
+    (run_checkpoints.checkpoint_dir(source) / "5").mkdir(parents=True)
     assert check_source(source, OLD) is False
     with pytest.raises(CorpusChanged, match=r"config.resume's run trained on corpus "
                        rf"{OLD.fingerprint[:12]}… \(2 blocks, .*data.corpus is "
@@ -92,8 +92,8 @@ def test_train_refuses_a_rebuilt_corpus_and_restarts_the_data_when_allowed(tmp_p
     result = train(tiny(**rebuilt, **{"data.allow_corpus_change": True}), tmp_path,
                    progress=False)
     assert result.origin == "workdir" and [h["step"] for h in result.history] == [2]
-    manager = checkpoints.checkpoint_manager(tmp_path, read_only=True)
-    data = checkpoints.restore_items(manager, 2, {"data": None})["data"]
+    manager = run_checkpoints.checkpoint_manager(tmp_path, read_only=True)
+    data = run_checkpoints.restore_items(manager, 2, {"data": None})["data"]
     manager.close()
     assert data["next_index"] == 1  # one batch of the new corpus, not batch 2 of the old
     fingerprint = load_corpus(tiny(**rebuilt)).fingerprint

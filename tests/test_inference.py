@@ -14,7 +14,14 @@ import jax
 import numpy as np
 import pytest
 
-from realm_jax import checkpoints, defaults, embedding, inference, initialize, sharding
+from realm_jax import (
+    defaults,
+    embedding,
+    inference,
+    initialize,
+    run_checkpoints,
+    sharding,
+)
 from realm_jax.answer import answer_all, from_arguments, read_lines
 from realm_jax.data.joins import join_reader, tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_qa_split, load_tokenizer
@@ -53,8 +60,8 @@ def make_workdir(root, config, towers=("query_embedder", "reader"), step=3, seed
     embeddings = embedding.block_runner(config, mesh).embed_blocks(params["embedder"], blocks,
                                                                    console=False)
     publish_index(config, root, 0, embeddings, corpus.fingerprint)
-    manager = checkpoints.checkpoint_manager(root)
-    checkpoints.save_train_state(manager, step, {t: params[t] for t in towers}, {}, {},
+    manager = run_checkpoints.checkpoint_manager(root)
+    run_checkpoints.save_train_state(manager, step, {t: params[t] for t in towers}, {}, {},
                                  {"task": config.task})
     manager.wait_until_finished()
     manager.close()

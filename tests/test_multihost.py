@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from grain.sharding import ShardOptions
 
-from realm_jax import checkpoints, defaults, initialize, optim, sharding
+from realm_jax import defaults, initialize, optim, run_checkpoints, sharding
 from realm_jax.data import pipeline
 from realm_jax.data.loaders import (
     load_corpus,
@@ -264,9 +264,9 @@ def test_two_processes_train_like_one(tmp_path, eight_devices):
                                    [h[key] for h in ref.history], rtol=1e-5, err_msg=key)
     # The tolerance is meaningful: training moved the parameters by ~3e-5, far more than it
     # (step 1 has learning rate 0, so its checkpoint holds the initial parameters).
-    manager = checkpoints.checkpoint_manager(single, read_only=True)
+    manager = run_checkpoints.checkpoint_manager(single, read_only=True)
     try:
-        first = checkpoints.restore_items(manager, 1, {t: None for t in ref.params})
+        first = run_checkpoints.restore_items(manager, 1, {t: None for t in ref.params})
     finally:
         manager.close()
     assert max_diff(flat(first), want) > 1e-5

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from realm_jax import checkpoints, defaults, initialize, optim, sharding
+from realm_jax import defaults, initialize, optim, run_checkpoints, sharding
 from realm_jax.data.joins import tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
 from realm_jax.embedding import block_runner
@@ -140,11 +140,11 @@ def test_freeze_keeps_the_retriever_bitwise_then_moves_it(tmp_path, eight_device
     start, _ = initialize.initial_params(config, ("embedder", "encoder"), mesh)
     start = jax.device_get(start)
     train(config, tmp_path, progress=False)
-    manager = checkpoints.checkpoint_manager(tmp_path, read_only=True)
+    manager = run_checkpoints.checkpoint_manager(tmp_path, read_only=True)
     assert manager.all_steps() == [1, 2, 3, 4]
 
     def tower(step, name):
-        return jax.device_get(checkpoints.restore_items(manager, step, {name: None})[name])
+        return jax.device_get(run_checkpoints.restore_items(manager, step, {name: None})[name])
 
     def same(a, b):
         return all(np.array_equal(x, y) for x, y in

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from realm_jax import checkpoints, defaults, initialize
+from realm_jax import defaults, initialize, run_checkpoints
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.models import Embedder
 from realm_jax.retrieval import store
@@ -43,8 +43,8 @@ def test_cold_start_then_refresh_from_checkpoint(tmp_path, eight_devices):
 
     # A "trained" embedder: the initial one perturbed, saved as checkpoint 5.
     trained = jax.tree.map(lambda x: np.asarray(x) * 1.5 + 0.01, jax.device_get(init))
-    manager = checkpoints.checkpoint_manager(tmp_path)
-    checkpoints.save_train_state(manager, 5, trained, {}, {}, {})
+    manager = run_checkpoints.checkpoint_manager(tmp_path)
+    run_checkpoints.save_train_state(manager, 5, trained, {}, {}, {})
     manager.wait_until_finished()
     assert refresher.run(once=True) == [0, 5]
     v5 = store.load_latest(tmp_path)
@@ -59,7 +59,7 @@ def test_unreadable_checkpoint_is_skipped(tmp_path, eight_devices):
     config = tiny()
     refresher = Refresher(config, tmp_path, corpus=CORPUS, progress=False)
     refresher.cold_start()
-    bad = checkpoints.checkpoint_dir(tmp_path) / "9"
+    bad = run_checkpoints.checkpoint_dir(tmp_path) / "9"
     bad.mkdir(parents=True)
     (bad / "embedder").mkdir()
     (bad / "embedder" / "garbage").write_text("half written")

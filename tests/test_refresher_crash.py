@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from realm_jax import checkpoints, defaults, initialize, sharding
+from realm_jax import defaults, initialize, run_checkpoints, sharding
 from realm_jax.retrieval import store
 
 TRIALS = 20
@@ -29,8 +29,8 @@ TRIALS = 20
 
 def write_checkpoint(workdir, step, base):
     trained = jax.tree.map(lambda x: np.asarray(x) * (1 + 0.1 * step), base)
-    manager = checkpoints.checkpoint_manager(workdir)
-    checkpoints.save_train_state(manager, step, {"embedder": trained}, {}, {}, {})
+    manager = run_checkpoints.checkpoint_manager(workdir)
+    run_checkpoints.save_train_state(manager, step, {"embedder": trained}, {}, {}, {})
     manager.wait_until_finished()
     manager.close()
 

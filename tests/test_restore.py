@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from realm_jax import checkpoints, defaults, restore
+from realm_jax import defaults, restore, run_checkpoints
 from realm_jax.evaluate import run as evaluate_run
 from realm_jax.inference import Realm
 from realm_jax.restore import CheckpointUnreadable, ModelChanged, reason
@@ -33,7 +33,7 @@ def truncate_biggest_file(item_dir):
 
 
 def steps(workdir):
-    manager = checkpoints.checkpoint_manager(workdir, read_only=True)
+    manager = run_checkpoints.checkpoint_manager(workdir, read_only=True)
     try:
         return manager.all_steps()
     finally:

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from realm_jax import checkpoints, defaults, optim
+from realm_jax import checkpoints, defaults, optim, run_checkpoints
 from realm_jax.data.joins import blocks_with_answer, tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
 from realm_jax.embedding import block_runner
@@ -159,7 +159,7 @@ def test_both_tasks_train_three_steps(tmp_path, eight_devices):
 def test_nan_stops_the_run_naming_the_step(tmp_path, eight_devices):
     with pytest.raises(FloatingPointError, match="at step 1"):
         train(tiny(**{"train.steps": 3}), tmp_path, progress=False, inject_nan_at=1)
-    manager = checkpoints.checkpoint_manager(tmp_path, read_only=True)
+    manager = run_checkpoints.checkpoint_manager(tmp_path, read_only=True)
     assert manager.all_steps() == [1]  # step 1's poisoned result was never saved
     manager.close()
 
@@ -184,7 +184,7 @@ def test_killed_run_resumes_bitwise(tmp_path, eight_devices):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    manager = checkpoints.checkpoint_manager(work, read_only=True)
+    manager = run_checkpoints.checkpoint_manager(work, read_only=True)
     killed_at = manager.latest_step()
     manager.close()
     assert 2 <= killed_at < 8, killed_at

@@ -26,7 +26,15 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from realm_jax import checkpoints, defaults, initialize, multihost, restore, sharding, workdir_lock
+from realm_jax import (
+    defaults,
+    initialize,
+    multihost,
+    restore,
+    run_checkpoints,
+    sharding,
+    workdir_lock,
+)
 from realm_jax.data.blocks import BlockCorpus
 from realm_jax.data.joins import TokenizedBlocks, tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
@@ -95,7 +103,7 @@ class Refresher:
         if blocks is not None and corpus is None:
             raise ValueError("Refresher: `blocks` given without the `corpus` they tokenise")
         self.config = config
-        self.workdir = checkpoints.absolute(workdir)
+        self.workdir = run_checkpoints.absolute(workdir)
         self.mesh = sharding.make_mesh(dict(config.mesh))
         tokenizer = load_tokenizer(config)
         self.corpus = load_corpus(config, tokenizer) if corpus is None else corpus
@@ -177,7 +185,7 @@ class Refresher:
             if step is not None:
                 self.refresh_step(step)
             return list(self.published)
-        ckpt_dir = checkpoints.checkpoint_dir(self.workdir)
+        ckpt_dir = run_checkpoints.checkpoint_dir(self.workdir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         # Multi-host: orbax's iterator polls on the primary and broadcasts, so every host gets
         # the same steps and the same timeout.
