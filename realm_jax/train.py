@@ -201,7 +201,11 @@ def _mean_over_hosts(metrics: dict[str, float]) -> dict[str, float]:
 
 
 class _Logger:
-    """metrics.jsonl + TensorBoard + a progress bar, on the primary process only (STYLE 6)."""
+    """metrics.jsonl + TensorBoard + a progress bar, on the primary process only (STYLE 6).
+
+    Not `clu.metric_writers` / `periodic_actions`: both import TensorFlow at module load
+    (clu 0.0.12's `metric_writers/__init__` imports its tf `SummaryWriter`), which this
+    package does not need; tensorboardX writes the same event files without it."""
 
     def __init__(self, workdir: epath.Path, start: int, total: int, progress: bool):
         self.enabled = multihost.is_primary()
