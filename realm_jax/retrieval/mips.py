@@ -178,6 +178,19 @@ def table_sharding(
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("blocks", None), rules))
 
 
+def _row_shards(table: jax.Array, mesh: Mesh, rules: Sequence[tuple[str, Any]]
+                ) -> tuple[tuple[str, ...], int]:
+    """(the mesh axes the table's rows are split over, rows per shard); the rows must split
+    evenly (`ExactIndex.build` pads them so)."""
+    axes = blocks_mesh_axes(rules)
+    num_shards = math.prod(mesh.shape[a] for a in axes)
+    if table.shape[0] % num_shards:
+        raise ValueError(
+            f"table rows {table.shape[0]} do not divide into {num_shards} shards over {axes}"
+        )
+    return axes, table.shape[0] // num_shards
+
+
 def sharded_exact_search(
     table: jax.Array,
     queries: jax.Array,
@@ -208,13 +221,7 @@ def sharded_exact_search(
     Returns:
       `(ids [B, k] int32, scores [B, k] float32)`, best first, replicated over the mesh.
     """
-    axes = blocks_mesh_axes(rules)
-    num_shards = math.prod(mesh.shape[a] for a in axes)
-    if table.shape[0] % num_shards:
-        raise ValueError(
-            f"table rows {table.shape[0]} do not divide into {num_shards} shards over {axes}"
-        )
-    rows_per_shard = table.shape[0] // num_shards
+    axes, rows_per_shard = _row_shards(table, mesh, rules)
     kw = dict(use_approx=use_approx, recall_target=recall_target, chunk_rows=chunk_rows)
     if not axes:
         ids, scores = exact_search(table, queries, k, num_valid=num_valid, **kw)
@@ -266,13 +273,7 @@ def sharded_gather_rows(
     Returns:
       `[..., d]` in the table's dtype, replicated over the mesh.
     """
-    axes = blocks_mesh_axes(rules)
-    num_shards = math.prod(mesh.shape[a] for a in axes)
-    if table.shape[0] % num_shards:
-        raise ValueError(
-            f"table rows {table.shape[0]} do not divide into {num_shards} shards over {axes}"
-        )
-    rows_per_shard = table.shape[0] // num_shards
+    axes, rows_per_shard = _row_shards(table, mesh, rules)
 
     def local(table_shard, ids):  # [rows_per_shard, d], [...]
         offset = jax.lax.axis_index(axes) * rows_per_shard if axes else 0
