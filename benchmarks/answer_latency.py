@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -51,9 +50,8 @@ from typing import Any
 
 import bench_utils  # noqa: E402
 import numpy as np
-from bench_utils import cpu_busy_elsewhere, cpu_model
+from bench_utils import cpu_busy_elsewhere, cpu_model, wait_for_idle, write_json
 from encoder_speed import MALLOC_MODES, pin_threads, set_malloc, thp_mode
-from mips import wait_for_idle
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results", "answer_latency.json")
@@ -358,10 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     env["cpu_busy_elsewhere_after"] = cpu_busy_elsewhere()
     print()
     print(table(results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    print(f"\nwrote {args.out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ this directory on sys.path)."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import sys
 import time
@@ -49,3 +51,23 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None
             a = "--" + name.replace("_", "-") + eq + value
         fixed.append(a)
     return parser.parse_args(fixed)
+
+
+def wait_for_idle(max_wait_s: float, threshold: float = 0.1) -> float:
+    """Sleep (in ~5 s probes) until other processes use < threshold of the CPUs, or time
+    out; returns the last share measured."""
+    t0 = time.monotonic()
+    busy = cpu_busy_elsewhere()
+    while busy >= threshold and time.monotonic() - t0 < max_wait_s:
+        print(f"  {busy:.0%} of the CPUs busy elsewhere; waiting ...", flush=True)
+        time.sleep(4.0)
+        busy = cpu_busy_elsewhere()
+    return busy
+
+
+def write_json(path: str, results: dict) -> None:
+    """The benchmark's JSON (parent folders made; non-JSON values as strings)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    print(f"\nwrote {path}")

@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import resource
@@ -67,7 +66,7 @@ from typing import Any
 
 import bench_utils  # noqa: E402
 import numpy as np
-from bench_utils import cpu_busy_elsewhere, cpu_model
+from bench_utils import cpu_busy_elsewhere, cpu_model, write_json
 
 # Model sizes: keyword arguments for `transformers.RealmConfig` (its defaults are BERT-base).
 SIZES: dict[str, dict[str, Any]] = {
@@ -469,10 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     results["goal_ratio"] = 1.3
     print()
     print(table(results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    print(f"\nwrote {args.out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

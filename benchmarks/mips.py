@@ -78,7 +78,7 @@ from typing import Any
 
 import bench_utils  # noqa: E402
 import numpy as np
-from bench_utils import cpu_busy_elsewhere, cpu_model
+from bench_utils import cpu_busy_elsewhere, cpu_model, wait_for_idle
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO_ROOT, "benchmarks", "results")
@@ -89,6 +89,20 @@ GOAL_SPEEDUP = 10.0
 # 9, 32, 63, 95 (twice) and 158 leaves. The second is ScannConfig's default (leaves / 10).
 SCANN_SETTINGS = ((0.03, 100), (0.1, 100), (0.2, 100), (0.3, 100), (0.3, 400), (0.5, 200))
 SCANN_SINGLE_THREAD = 1  # index into SCANN_SETTINGS also measured with parallel_search=False
+# --scann-grid: the build-time knobs as well (ScannConfig fields; "leaves_x" scales √N leaves).
+# dims_per_block 4 halves the asymmetric-hashing lookups per scored row (less accurate codes,
+# made up by exact reordering); more, smaller leaves score fewer rows per searched fraction;
+# the anisotropic threshold is relative to the rows' norm (≈ 1 here, as LayerNorm'd / √d
+# embeddings are not: see ScannConfig).
+SCANN_GRID = tuple(
+    dict(leaves_x=lx, frac=frac, reorder_k=reorder, dims_per_block=dpb,
+         anisotropic_quantization_threshold=thr)
+    for dpb in (2, 4) for lx in (1, 2) for frac, reorder in ((0.03, 50), (0.05, 100), (0.1, 50))
+    for thr in (0.2,)) + (
+    dict(leaves_x=1, frac=0.05, reorder_k=100, dims_per_block=2,
+         anisotropic_quantization_threshold=0.1),
+    dict(leaves_x=1, frac=0.05, reorder_k=100, dims_per_block=2,
+         anisotropic_quantization_threshold=0.5))
 HNSW_EF = (16, 32, 64, 128, 256, 512)
 HNSW_M = 32
 IVF_NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -116,6 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--real-len", type=int, default=32, help="wordpieces per --real sentence")
     p.add_argument("--scann-num-leaves", type=int, default=None,
                    help="ScaNN num_leaves (default √N, ScannConfig's rule)")
+    p.add_argument("--scann-grid", action="store_true",
+                   help="also ScaNN's build-time knobs (SCANN_GRID: dims per block, leaves, "
+                        "reorder, anisotropic threshold), 20 more builds")
     p.add_argument("--skip-refresher", action="store_true")
     p.add_argument("--skip-jax8", action="store_true", help="skip the 8-device subprocess")
     p.add_argument("--refresh-sample", type=int, default=512, help="blocks embedded (timed)")
@@ -147,16 +164,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- environment
 
-
-def wait_for_idle(max_wait_s: float, threshold: float = 0.1) -> float:
-    """Sleep (in 5 s probes) until other processes use < threshold of the CPUs, or time out."""
-    t0 = time.monotonic()
-    busy = cpu_busy_elsewhere()
-    while busy >= threshold and time.monotonic() - t0 < max_wait_s:
-        print(f"  {busy:.0%} of the CPUs busy elsewhere; waiting ...", flush=True)
-        time.sleep(4.0)
-        busy = cpu_busy_elsewhere()
-    return busy
 
 
 # --------------------------------------------------------------------------- data
@@ -432,25 +439,32 @@ def bench_scann(table: Array, queries: Array, truth: Array, args: argparse.Names
                 ) -> list[Point]:
     from realm_jax.retrieval.scann_index import ScannConfig, ScannIndex
 
-    num_leaves = args.scann_num_leaves or max(1, round(math.sqrt(len(table))))
-    runs = [(frac, reorder, True) for frac, reorder in SCANN_SETTINGS]
-    runs.append((*SCANN_SETTINGS[SCANN_SINGLE_THREAD], False))
+    root_n = args.scann_num_leaves or max(1, round(math.sqrt(len(table))))
+    runs = [dict(frac=frac, reorder_k=reorder) for frac, reorder in SCANN_SETTINGS]
+    runs.append(dict(frac=SCANN_SETTINGS[SCANN_SINGLE_THREAD][0],
+                     reorder_k=SCANN_SETTINGS[SCANN_SINGLE_THREAD][1], parallel_search=False))
+    if args.scann_grid:
+        runs += [dict(run) for run in SCANN_GRID]
     points = []
-    for frac, reorder, parallel in runs:
-        leaves = max(1, min(num_leaves, round(frac * num_leaves)))
-        config = ScannConfig(num_leaves=num_leaves, num_leaves_to_search=leaves,
-                             reorder_k=reorder, parallel_search=parallel)
+    for run in runs:
+        num_leaves = root_n * run.pop("leaves_x", 1)
+        leaves = max(1, min(num_leaves, round(run.pop("frac") * num_leaves)))
+        run.setdefault("parallel_search", True)
+        config = ScannConfig(num_leaves=num_leaves, num_leaves_to_search=leaves, **run)
         t0 = time.perf_counter()
         index = ScannIndex.build(table, config)
         build_s = time.perf_counter() - t0
         times, (ids, _), first = timed_search(
             lambda index=index: index.search(queries, args.k), args.repeats)
-        method = "ScaNN" if parallel else "ScaNN, 1 thread"
+        method = "ScaNN" if config.parallel_search else "ScaNN, 1 thread"
         params = {"num_leaves": index.resolved.get("num_leaves"), "num_leaves_to_search": leaves,
-                  "reorder_k": reorder, "parallel_search": parallel,
-                  "brute_force": index.resolved["brute_force"]}
-        points.append(Point(method, f"leaves {leaves}/{num_leaves}, reorder {reorder}", params,
-                            build_s, times, recall_at_k(ids, truth), len(queries), first))
+                  **run, "brute_force": index.resolved["brute_force"]}
+        setting = f"leaves {leaves}/{num_leaves}, reorder {config.reorder_k}"
+        if (config.dims_per_block, config.anisotropic_quantization_threshold) != (2, 0.2):
+            setting += (f", {config.dims_per_block} d/block, "
+                        f"thr {config.anisotropic_quantization_threshold}")
+        points.append(Point(method, setting, params, build_s, times, recall_at_k(ids, truth),
+                            len(queries), first))
         print(f"  {method:16s} {points[-1].setting:28s} recall {points[-1].recall:.4f} "
               f"QPS {points[-1].qps:9.0f} build {build_s:5.1f}s", flush=True)
     return points

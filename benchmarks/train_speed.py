@@ -91,7 +91,7 @@ from typing import Any
 
 import bench_utils  # noqa: E402
 import numpy as np
-from bench_utils import cpu_busy_elsewhere, cpu_model
+from bench_utils import cpu_busy_elsewhere, cpu_model, wait_for_idle, write_json
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO_ROOT, "benchmarks", "results", "train_speed.json")
@@ -132,16 +132,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return bench_utils.parse_args(p, argv)
 
-
-def wait_for_idle(max_wait_s: float, threshold: float = 0.1) -> float:
-    """Sleep until other processes use < threshold of the CPUs, or time out; returns it."""
-    t0 = time.monotonic()
-    busy = cpu_busy_elsewhere()
-    while busy >= threshold and time.monotonic() - t0 < max_wait_s:
-        print(f"  {busy:.0%} of the CPUs busy elsewhere; waiting ...", flush=True)
-        time.sleep(4.0)
-        busy = cpu_busy_elsewhere()
-    return busy
 
 
 def load_now(args: argparse.Namespace) -> dict[str, Any]:
@@ -634,10 +624,7 @@ def main(argv: list[str] | None = None) -> None:
             r["mfu"] = r["achieved_flops_per_s"] / results["peak"]["flops_per_s"]
         print()
         print(tables(results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    print(f"\nwrote {args.out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":
