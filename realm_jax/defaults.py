@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
         retriever_loss="marginal",  # "marginal" (REALM) | "pdist" (Atlas: reader as teacher)
         # | "match" (ORQA: the blocks holding the masked span)
         teacher_temperature=1.0,  # pdist: softmax(log p(y|z,x) / T) over the candidates
+        # pdist / match: the other rows' retrieved blocks as negatives in the retriever's
+        # softmax (losses.inbatch_negative_scores: keeps the corpus below a query's own few)
+        inbatch_negatives=False,
     ))
     # Held-out evaluation during training: gold-block recall@k of the QA split's questions
     # against the current index (realm_mlm), EM on it (orqa). 0 = only at the end.

@@ -13,7 +13,12 @@ from realm_jax import defaults, initialize, optim, run_checkpoints, sharding
 from realm_jax.data.joins import tokenize_corpus
 from realm_jax.data.loaders import load_corpus, load_tokenizer
 from realm_jax.embedding import block_runner
-from realm_jax.models.losses import marginal_mlm_loss, realm_loss, score_scale
+from realm_jax.models.losses import (
+    inbatch_negative_scores,
+    marginal_mlm_loss,
+    realm_loss,
+    score_scale,
+)
 from realm_jax.tasks import make_task
 from realm_jax.tasks.realm_mlm import masked_spans
 from realm_jax.train import train
@@ -102,6 +107,64 @@ def test_match_loss_and_gradient_match_numpy():
     assert not grad[:, 0].any()
     with pytest.raises(ValueError, match="cand_match"):
         realm_loss(logits, labels, weights, retrieval, retriever_loss="match")
+
+
+def test_inbatch_negatives_mask_nulls_own_rows_and_shared_blocks():
+    """Row i's negatives are the other rows' real candidates that are not among its own."""
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(3, 4)).astype(np.float32)
+    z = rng.normal(size=(3, 3, 4)).astype(np.float32)
+    cand = np.array([[-1, 7, 8], [-1, 8, 9], [-1, 10, -1]], np.int32)  # 8 shared by rows 0, 1
+    got = np.asarray(inbatch_negative_scores(q, z, cand, scale=0.5))  # [3, 9]
+    for i in range(3):
+        for n in range(3):
+            for k in range(3):
+                blk = cand[n, k]
+                negative = n != i and blk >= 0 and blk not in cand[i]
+                value = got[i, n * 3 + k]
+                if negative:
+                    np.testing.assert_allclose(value, 0.5 * q[i] @ z[n, k], rtol=1e-5)
+                else:
+                    assert value < -1e30, (i, n, k)
+    assert (got[0] > -1e30).sum() == 2 and (got[2] > -1e30).sum() == 4  # 9 and 10; 7, 8, 8, 9
+
+
+@pytest.mark.parametrize("kind", ["pdist", "match"])
+def test_inbatch_negatives_join_the_retriever_softmax_only(kind):
+    """With negatives, the retriever's softmax runs over its candidates and them (the teacher
+    or the match gives them nothing); masked ones change nothing; the encoder's marginal is
+    untouched; the marginal loss refuses them."""
+    logits, labels, weights, retrieval = _case(3)
+    match = np.array([[False, True, False, False], [False, False, True, True],
+                      [False, False, False, False]])
+    neg = np.random.default_rng(4).normal(scale=3.0, size=(3, 5)).astype(np.float32)
+    kw = dict(retriever_loss=kind, cand_match=match)
+    loss, aux = realm_loss(logits, labels, weights, retrieval, negatives=neg, **kw)
+    full = np_log_softmax(np.concatenate([retrieval[:, 1:], neg], -1).astype(np.float64))
+    own = full[:, :3]
+    if kind == "pdist":
+        logp = np_log_softmax(logits.astype(np.float64))
+        tok = np.take_along_axis(logp, np.broadcast_to(labels[:, None, :, None],
+                                                       logp.shape[:-1] + (1,)), -1)[..., 0]
+        per_cand = (tok * weights[:, None]).sum(-1) / weights.sum(-1, keepdims=True)
+        teacher = np.exp(np_log_softmax(per_cand[:, 1:]))
+        want = (teacher * (np.log(teacher) - own)).sum(-1).mean()
+    else:
+        m = match[:, 1:]
+        want = np.mean([-np.log(np.exp(lp[r]).sum()) if r.any() else 0.0
+                        for lp, r in zip(own, m, strict=True)])
+    np.testing.assert_allclose(float(aux["retriever_loss"]), want, rtol=1e-5)
+    marginal, _ = marginal_mlm_loss(logits, labels, weights, retrieval)
+    np.testing.assert_allclose(float(loss) - float(aux["retriever_loss"]), float(marginal),
+                               rtol=1e-5)
+    masked = neg + np.finfo(np.float32).min
+    _, none_aux = realm_loss(logits, labels, weights, retrieval, **kw)
+    _, masked_aux = realm_loss(logits, labels, weights, retrieval, negatives=masked, **kw)
+    np.testing.assert_allclose(float(masked_aux["retriever_loss"]),
+                               float(none_aux["retriever_loss"]), rtol=1e-6)
+    assert float(aux["retriever_loss"]) > float(none_aux["retriever_loss"])
+    with pytest.raises(ValueError, match="negatives"):
+        realm_loss(logits, labels, weights, retrieval, negatives=neg)
 
 
 def test_masked_spans_are_contiguous_runs_only():
@@ -248,10 +311,26 @@ def test_realm_config_keys_reach_the_loss(eight_devices):
     assert (task.retriever_loss, task.score_scale, task.teacher_temperature) == ("pdist", 0.5,
                                                                                  2.0)
     shapes = task.input_shapes(8)
-    inputs = {k: jnp.zeros(s, d) for k, (s, d) in shapes.items()}
+    rng = np.random.default_rng(0)
+    inputs = {k: jnp.asarray(rng.integers(1, 50, s).astype(d)) if k.endswith("_ids")
+              else jnp.ones(s, d) if k.endswith(("_mask", "_weights")) else jnp.zeros(s, d)
+              for k, (s, d) in shapes.items()}
+    blocks = np.arange(8 * task.k).reshape(8, task.k)
+    inputs["cand_block"] = jnp.asarray(np.where(blocks % task.k == 0, -1, blocks), np.int32)
     params, _ = initialize.init_towers(defaults.model_config(config), task.towers, mesh)
     loss, metrics = task.loss(params, inputs, jax.random.key(0))
     assert np.isfinite(float(loss)) and "retriever_loss" in metrics
+    # realm.inbatch_negatives: the other rows' blocks join the retriever's softmax.
+    with_negatives = make_task(tiny(**{"realm.retriever_loss": "pdist",
+                                       "realm.score_scale": "0.5",
+                                       "realm.teacher_temperature": 2.0,
+                                       "realm.inbatch_negatives": True}), mesh, None, None, None)
+    loss_n, metrics_n = with_negatives.loss(params, inputs, jax.random.key(0))
+    assert float(metrics_n["retriever_loss"]) > float(metrics["retriever_loss"])
+    np.testing.assert_allclose(float(loss_n) - float(metrics_n["retriever_loss"]),
+                               float(loss) - float(metrics["retriever_loss"]), rtol=1e-5)
+    with pytest.raises(ValueError, match="inbatch_negatives"):
+        make_task(tiny(**{"realm.inbatch_negatives": True}), mesh, None, None, None)
 
 
 def test_benchmark_summarizes_seeds_into_medians_and_ranges(monkeypatch):

@@ -26,7 +26,11 @@ from realm_jax.data.joins import NULL_BLOCK, blocks_with_answer, join_mlm
 from realm_jax.data.pipeline import PretrainBatcher, mesh_shard, pretrain_dataset, to_global
 from realm_jax.models import Embedder, KnowledgeAugEncoder
 from realm_jax.models.embedder import relevance_scores
-from realm_jax.models.losses import candidate_log_likelihood, realm_loss
+from realm_jax.models.losses import (
+    candidate_log_likelihood,
+    inbatch_negative_scores,
+    realm_loss,
+)
 from realm_jax.retrieval.searcher import Searcher
 from realm_jax.tasks.common import (
     PyTree,
@@ -81,6 +85,10 @@ class RealmMlm(Task):
         self.score_scale = retrieval_scale(c)
         self.retriever_loss = r.get("retriever_loss", "marginal")
         self.teacher_temperature = float(r.get("teacher_temperature", 1.0))
+        self.inbatch_negatives = bool(r.get("inbatch_negatives", False))
+        if self.inbatch_negatives and self.retriever_loss == "marginal":
+            raise ValueError('realm.inbatch_negatives needs realm.retriever_loss="pdist" or '
+                             '"match": the marginal has no target for blocks it did not read')
 
     @functools.cached_property
     def hashes(self) -> np.ndarray:
@@ -132,7 +140,7 @@ class RealmMlm(Task):
             "join_ids": join.input_ids, "join_mask": join.attention_mask,
             "join_types": join.token_type_ids,
             "mlm_positions": batch["mlm_positions"], "mlm_labels": batch["mlm_labels"],
-            "mlm_weights": batch["mlm_weights"],
+            "mlm_weights": batch["mlm_weights"], "cand_block": cands.astype(np.int32),
         }
         # The null document (and null padding) has no body, so it never matches.
         inputs["cand_match"] = blocks_with_answer(self.blocks, cands, masked_spans(
@@ -156,7 +164,8 @@ class RealmMlm(Task):
                               ("join", (b, k, self.join_len))):
             shapes.update({f"{prefix}_{f}": (shape, i32) for f in ("ids", "mask", "types")})
         shapes.update(mlm_positions=((b, m), i32), mlm_labels=((b, m), i32),
-                      mlm_weights=((b, m), np.float32), cand_match=((b, k), np.bool_))
+                      mlm_weights=((b, m), np.float32), cand_match=((b, k), np.bool_),
+                      cand_block=((b, k), i32))
         return shapes
 
     # ------------------------------------------------------------------ device side
@@ -174,12 +183,14 @@ class RealmMlm(Task):
                                 x["cand_types"], deterministic=deterministic,
                                 rngs={"dropout": r_cand})  # [B, K, d]
         retrieval_logits = relevance_scores(q, z) * self.score_scale  # [B, K]
+        negatives = (inbatch_negative_scores(q, z, x["cand_block"], self.score_scale)
+                     if self.inbatch_negatives else None)  # [B, B·K]
         mlm_logits = self.encoder.apply(
             {"params": params["encoder"]}, x["join_ids"], x["join_mask"], x["join_types"],
             x["mlm_positions"], deterministic=deterministic, rngs={"dropout": r_enc})
         loss, aux = realm_loss(mlm_logits, x["mlm_labels"], x["mlm_weights"], retrieval_logits,
                                self.config.train.mlm_variant, self.retriever_loss,
-                               self.teacher_temperature, x["cand_match"])
+                               self.teacher_temperature, x["cand_match"], negatives)
         p_z = jax.nn.softmax(retrieval_logits, axis=-1)
         metrics = {
             "mlm_accuracy": aux["accuracy"],
