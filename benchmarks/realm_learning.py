@@ -6,9 +6,12 @@ not run again, so an interrupted benchmark resumes):
     python benchmarks/realm_learning.py --starts minilm --seeds 0 1 2          # the demo's
     python benchmarks/realm_learning.py --starts scratch --seeds 0 1 2         # paper in mini
     python benchmarks/realm_learning.py --starts minilm --seeds 0 --arms none refresh
+    python benchmarks/realm_learning.py --starts reading --seeds 0 1 2         # paper's recipe
 
 Starts (configs/demo_cpu.py):
   minilm   MiniLM as the retriever; the encoder MLM-warm-started from MiniLM (the demo);
+  reading  the same with the paper's recipe: an encoder that reads (300 reading steps), ORQA's
+           ICT (sentence removed), REALM by distillation with in-batch negatives;
   scratch  a 2-layer, 128-wide BERT: encoder MLM-trained on the corpus, retriever ICT-trained,
            from random init (the paper's setting in miniature).
 Arms, each followed by the same ORQA fine-tuning:
@@ -18,8 +21,8 @@ Arms, each followed by the same ORQA fine-tuning:
              trainer for cores; `subprocess`: the demo's asynchronous refresher);
   norefresh  REALM pre-training with the index never refreshed (the staleness ablation).
 
-ORQA's reader: MiniLM's own encoder for the minilm start (with the arm's retriever), REALM's
-encoder for the scratch start (`READERS`, `stages.Pipeline.reader`).
+ORQA's reader: MiniLM's own encoder for the minilm and reading starts (with the arm's
+retriever), REALM's encoder for the scratch start (`READERS`, `stages.Pipeline.reader`).
 
 Reported per start and arm, median and range over seeds: gold-block recall@5 and @1 (a person
 has ~5 blocks: @5 saturates once the retriever finds the person, @1 asks for the block with the
@@ -56,7 +59,9 @@ MEASURED = ("recall_start", "recall_before", "recall_after", "recall_at_1_start"
 METRICS = (*MEASURED, "utility_first", "utility_last", "em", "answer_recall")
 # ORQA's reader per start (stages.Pipeline.reader): MiniLM's own encoder reads better than one
 # warm-started on a CPU budget; the scratch start's own encoder is random, so REALM's.
-READERS = {"minilm": "start", "scratch": "realm"}
+READERS = {"minilm": "start", "reading": "start", "scratch": "realm"}
+# Sync refreshes every N REALM steps (None: the config's refresh.every_steps).
+REFRESH_EVERY = {"minilm": 20, "reading": 10, "scratch": None}
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -87,8 +92,8 @@ def run(out: str, starts: list[str], seeds: list[int], arms: list[str], refresh:
         for seed in seeds:
             t0 = time.time()
             realm_stage = {"refresh.mode": "sync"} if refresh == "sync" else {}
-            if refresh == "sync" and start == "minilm":
-                realm_stage["refresh.every_steps"] = 20
+            if refresh == "sync" and REFRESH_EVERY[start]:
+                realm_stage["refresh.every_steps"] = REFRESH_EVERY[start]
             pipeline = stages.Pipeline(
                 "demo_cpu", os.path.join(out, start, f"seed{seed}"),
                 start="" if start == "minilm" else start, seed=seed, overrides=overrides,
@@ -201,7 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/realm_learning")
     parser.add_argument("--starts", nargs="+", default=["minilm", "scratch"],
-                        choices=["minilm", "scratch"])
+                        choices=sorted(READERS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(stages.ARMS), choices=stages.ARMS)
     parser.add_argument("--refresh", default="sync", choices=["sync", "subprocess"])
