@@ -1,4 +1,4 @@
-"""What both tasks share: the task interface, query embedding for search, retrieval recall.
+"""What every task shares: the task interface, query embedding for search, retrieval recall.
 
 Multi-host: a training batch is split over hosts (each holds its own rows), but exact search
 over the index sharded on all devices is a collective that every host must enter with the same
