@@ -30,7 +30,7 @@ fact) of held-out questions against a *fresh* index after pre-training (and befo
 retrieval utility
 (last and its rise), ORQA dev EM and answer recall; the ICT stage alone: fresh
 recall@5 of the untrained vs the ICT-trained embedder. Writes OUT/realm_learning.json and
-OUT/realm_learning.png (recall and utility against step, every seed).
+OUT/realm_learning.png (fresh recall@5, @1 and utility against step, every seed).
 """
 
 from __future__ import annotations
@@ -177,24 +177,26 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     starts = list(results["runs"])
-    fig, axes = plt.subplots(len(starts), 2, figsize=(11, 3.8 * len(starts)), squeeze=False)
+    fig, axes = plt.subplots(len(starts), 3, figsize=(16, 3.8 * len(starts)), squeeze=False)
     colours = {"refresh": "tab:blue", "norefresh": "tab:orange"}
     for row, start in enumerate(starts):
-        left, right = axes[row]
+        left, middle, right = axes[row]
         for seed, per_arm in results["runs"][start].items():
             for arm, colour in colours.items():
                 if arm not in per_arm:
                     continue
                 label = f"{arm}" if seed == str(results["seeds"][0]) else None
-                for key, ax in (("fresh_recall_curve", left), ("utility_curve", right)):
+                for key, ax in (("fresh_recall_curve", left),
+                                ("fresh_recall_at_1_curve", middle), ("utility_curve", right)):
                     pts = per_arm[arm].get(key) or []
                     ax.plot([s for s, _ in pts], [v for _, v in pts], "-o", color=colour,
                             alpha=0.7, markersize=3, label=label)
         left.set(title=f"{start}: gold recall@5, held-out questions, fresh index",
                  xlabel="REALM pre-training step")
+        middle.set(title=f"{start}: gold recall@1, the same", xlabel="REALM pre-training step")
         right.set(title=f"{start}: retrieval utility, held-out sentences (nats/token)",
                   xlabel="REALM pre-training step")
-        for ax in (left, right):
+        for ax in (left, middle, right):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()

@@ -200,6 +200,7 @@ class Pipeline:
             out[f"{key}_before"], out[f"{key}_after"] = ends(history(realm, f"heldout_{key}"))
         out.update(
             fresh_recall_curve=fresh[5],
+            fresh_recall_at_1_curve=fresh[1],
             live_recall_curve=history(realm, "gold_recall_at_5"),
             utility_curve=history(realm, "heldout_retrieval_utility"),
             index_refreshes=int(max((s for _, s in history(realm, "index_swaps", "train")),
