@@ -293,16 +293,18 @@ def block_runner(config: ml_collections.ConfigDict, mesh) -> EmbedRunner:
     (or, with `refresh.batch_tokens` > 0, as many blocks as make that many padded tokens).
 
     Raises:
-      ValueError: refresh.batch_size does not split over the mesh's batch devices.
+      ValueError: refresh.batch_size does not split over the mesh's batch devices (unless
+        refresh.batch_tokens sizes the calls instead, which ignores it).
     """
     rules = tuple(tuple(r) for r in config.rules)
     batch_size, shards = int(config.refresh.batch_size), sharding.mesh_batch_size(mesh, rules)
-    if batch_size % shards:
+    batch_tokens = int(config.refresh.get("batch_tokens", 0))
+    if batch_size % shards and not batch_tokens:
         raise ValueError(f"refresh.batch_size={batch_size} is not a multiple of the {shards} "
                          "devices the batch is split over")
     return EmbedRunner(defaults.model_config(config), mesh, rules, max_len=config.data.block_len,
                        batch_size=batch_size, length_buckets=_buckets(config),
-                       batch_tokens=int(config.refresh.get("batch_tokens", 0)))
+                       batch_tokens=batch_tokens)
 
 
 def query_runner(config: ml_collections.ConfigDict, mesh, batch_size: int | None = None,

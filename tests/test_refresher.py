@@ -85,3 +85,6 @@ def test_scann_engine_publishes_a_loadable_searcher(tmp_path, eight_devices):
 def test_batch_size_must_split_over_devices(tmp_path, eight_devices):
     with pytest.raises(ValueError, match="not a multiple of the 8 devices"):
         Refresher(tiny(**{"refresh.batch_size": 12}), tmp_path, corpus=CORPUS)
+    # Calls sized by tokens ignore the row count: nothing to refuse.
+    Refresher(tiny(**{"refresh.batch_size": 12, "refresh.batch_tokens": 512}), tmp_path / "t",
+              corpus=CORPUS)
