@@ -67,15 +67,19 @@ def plot_curves(pipeline: stages.Pipeline, arms: list[str], out: epath.Path) -> 
 
 
 def run(workdir: epath.PathLike = "runs/demo", ablation: bool = False,
-        question: str | None = None, full: bool = False) -> dict[str, Any]:
+        question: str | None = None, full: bool = False, reading: bool = False
+        ) -> dict[str, Any]:
     """`full`: the config's MiniLM stages (what benchmarks/realm_learning.py measures, ~14
-    minutes on AVX-512 cores) instead of its `quick` ones (the 15-minute budget on AVX2)."""
+    minutes on AVX-512 cores) instead of its `quick` ones (the 15-minute budget on AVX2).
+    `reading`: the config's `reading` start, the paper's recipe with which REALM teaches the
+    retriever (README "REALM that teaches the retriever"; ~28 minutes on AVX-512 cores)."""
     t0 = time.time()
     root = epath.Path(workdir)
     # ORQA's reader is MiniLM's encoder with the pre-trained retriever (README "REALM that
     # learns": an encoder warm-started on a CPU budget reads worse than MiniLM).
-    pipeline = stages.Pipeline("demo_cpu", root, start="" if full else "quick",
-                               train_retriever=True, reader="start")
+    start = "reading" if reading else "" if full else "quick"
+    pipeline = stages.Pipeline("demo_cpu", root, start=start, train_retriever=True,
+                               reader="start")
     pre = pipeline.cfg("")
     corpus = loaders.load_corpus(pre)
     print(f"[demo] corpus: {len(corpus)} blocks of ≤{pre.data.block_len} wordpieces "
@@ -156,10 +160,13 @@ def main() -> None:
     parser.add_argument("--full", action="store_true",
                         help="the longer MiniLM stages benchmarks/realm_learning.py measures "
                              "(about twice the default's time)")
+    parser.add_argument("--reading", action="store_true",
+                        help="the paper's recipe: an encoder that reads, ORQA's ICT, REALM by "
+                             "distillation with in-batch negatives (about 4x the default's time)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     compile_cache.enable()
-    run(args.workdir, args.ablation, args.question, args.full)
+    run(args.workdir, args.ablation, args.question, args.full, args.reading)
 
 
 if __name__ == "__main__":
