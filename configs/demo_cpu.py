@@ -167,8 +167,7 @@ def _reading_steps(c, stage: str) -> None:
         c.train.update(lr=1e-3, steps=300, warmup_steps=20, checkpoint_every=300)
     elif stage in ("", "pretrain", "norefresh"):
         c.realm.update(retriever_loss="pdist", inbatch_negatives=True)
-        c.train.update(steps=60, lr_scale={"embedder": 3.0})
-        c.train.freeze_steps = {}
+        c.train.update(steps=60, lr_scale={"embedder": 3.0}, freeze_steps={"embedder": 0})
         c.eval.every_steps = 20
 
 
