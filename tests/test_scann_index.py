@@ -45,7 +45,7 @@ def _recall(ids, true_ids):
 def test_recall_against_exact(clustered, built):
     table, queries = clustered
     assert not built.resolved["brute_force"]
-    assert built.resolved["num_leaves"] == 224  # round(sqrt(50_000))
+    assert built.resolved["num_leaves"] == 447  # round(2 sqrt(50_000))
     ids, scores = built.search(queries, K)
     assert ids.shape == scores.shape == (200, K)
     assert ids.dtype == np.int32 and scores.dtype == np.float32
