@@ -187,6 +187,7 @@ def test_two_processes_agree_on_the_index(tmp_path):
         assert s["ids"] == s["want"]
 
 
+@pytest.mark.slow  # two processes end to end (~20 s): in the slow group, still in CI
 def test_two_processes_answer_like_one(tmp_path, eight_devices):
     """Inference (and so ORQA's evaluation) on a pod: both processes load the same workdir,
     place their questions with `put_global` and get the answers of one process × 8 devices."""
@@ -213,6 +214,7 @@ def test_two_processes_answer_like_one(tmp_path, eight_devices):
                                    [[r[1] for r in row] for row in want["retrieved"]], rtol=1e-5)
 
 
+@pytest.mark.slow  # two processes end to end (~20 s): in the slow group, still in CI
 def test_two_processes_refresh_like_one(tmp_path, eight_devices):
     """A refresher on a pod (`launch/tpu_pod.sh refresh`): both processes embed, the primary
     alone publishes, and the versions hold what one process × 8 devices publishes."""
