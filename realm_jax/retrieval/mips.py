@@ -153,11 +153,17 @@ def blocks_mesh_axes(rules: Sequence[tuple[str, Any]] = sharding_lib.DEFAULT_RUL
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def block_shards(mesh: Mesh, rules: Sequence[tuple[str, Any]] = sharding_lib.DEFAULT_RULES
+                 ) -> int:
+    """How many shards the table's rows are split into (the `blocks` axes' devices)."""
+    return math.prod(mesh.shape[a] for a in blocks_mesh_axes(rules))
+
+
 def padded_rows(n: int, mesh: Mesh, rules: Sequence[tuple[str, Any]] = sharding_lib.DEFAULT_RULES,
                 chunk_rows: int | None = None) -> int:
     """N_padded: n rows rounded up to equal shards over the `blocks` axes (and, per shard, to
     a multiple of `chunk_rows` when a shard holds more than that)."""
-    num_shards = math.prod(mesh.shape[a] for a in blocks_mesh_axes(rules))
+    num_shards = block_shards(mesh, rules)
     rows_per_shard = -(-n // num_shards)
     if chunk_rows is not None and chunk_rows < rows_per_shard:
         rows_per_shard = -(-rows_per_shard // chunk_rows) * chunk_rows
@@ -182,8 +188,7 @@ def _row_shards(table: jax.Array, mesh: Mesh, rules: Sequence[tuple[str, Any]]
                 ) -> tuple[tuple[str, ...], int]:
     """(the mesh axes the table's rows are split over, rows per shard); the rows must split
     evenly (`ExactIndex.build` pads them so)."""
-    axes = blocks_mesh_axes(rules)
-    num_shards = math.prod(mesh.shape[a] for a in axes)
+    axes, num_shards = blocks_mesh_axes(rules), block_shards(mesh, rules)
     if table.shape[0] % num_shards:
         raise ValueError(
             f"table rows {table.shape[0]} do not divide into {num_shards} shards over {axes}"
@@ -262,8 +267,8 @@ def sharded_gather_rows(
     operand would be as valid to it, and for the paper's 13M × 128 index that is 6.6 GB on
     every device. Here it is explicit: each device looks up the ids that fall in its own rows
     (zeros for the rest) and one psum of the `[..., d]` result adds the shards' disjoint
-    contributions. ORQA's train step reads
-    its S retrieved blocks' embeddings this way from the frozen table already on the devices.
+    contributions. ORQA's train step reads its S retrieved blocks' embeddings this way from
+    the frozen table already on the devices.
 
     Args:
       table: `[N_padded, d]`, N_padded divisible by the number of `blocks` shards.
@@ -431,7 +436,7 @@ class ExactIndex:
 
     @property
     def num_shards(self) -> int:
-        return math.prod(self.mesh.shape[a] for a in blocks_mesh_axes(self.rules))
+        return block_shards(self.mesh, self.rules)
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k for each query.
