@@ -195,26 +195,26 @@ def realm_loss(
         return loss, {**aux, "retriever_loss": loss}
     fixed = jax.lax.stop_gradient(retrieval_logits)
     loss, aux = marginal_mlm_loss(mlm_logits, labels, label_weights, fixed, variant)
+    # The retriever's softmax for either target: the retrieved blocks (not the null document,
+    # candidate 0), then the negatives, which no target gives any mass.
+    retrieved = retrieval_logits.shape[-1] - 1
+    student = retrieval_logits[:, 1:].astype(jnp.float32)  # [B, K − 1 (+ N)]
+    if negatives is not None:
+        student = jnp.concatenate([student, negatives.astype(jnp.float32)], axis=-1)
     if retriever_loss == "match":
         if cand_match is None:
             raise ValueError('retriever_loss="match" needs cand_match')
-        logits, correct = retrieval_logits[:, 1:], cand_match[:, 1:]
-        if negatives is not None:
-            logits = jnp.concatenate([logits, negatives.astype(logits.dtype)], axis=-1)
-            correct = jnp.concatenate([correct, jnp.zeros(negatives.shape, bool)], axis=-1)
-        retriever = jnp.mean(marginal_log_likelihood_loss(logits, correct))
+        correct = jnp.zeros(student.shape, bool).at[:, :retrieved].set(cand_match[:, 1:])
+        retriever = jnp.mean(marginal_log_likelihood_loss(student, correct))
         return loss + retriever, {**aux, "retriever_loss": retriever}
     per_cand = candidate_log_likelihood(mlm_logits, labels, label_weights)  # [B, K]
-    # Distil over the retrieved blocks only, not the null document (candidate 0): an encoder
-    # that does not read yet predicts best from nothing, and a teacher that prefers the null
-    # document teaches the retriever to score it first for every query, which says nothing
-    # about how to rank real blocks (Atlas distils over retrieved passages alone).
-    per_cand, student = per_cand[:, 1:], retrieval_logits[:, 1:]
-    teacher = jax.nn.softmax(jax.lax.stop_gradient(per_cand) / teacher_temperature, axis=-1)
-    student = student.astype(jnp.float32)
-    if negatives is not None:  # the teacher gives them no mass: only the softmax grows
-        student = jnp.concatenate([student, negatives.astype(jnp.float32)], axis=-1)
-    log_student = jax.nn.log_softmax(student, axis=-1)[:, : teacher.shape[-1]]
+    # Distil over the retrieved blocks only, not the null document: an encoder that does not
+    # read yet predicts best from nothing, and a teacher that prefers the null document
+    # teaches the retriever to score it first for every query, which says nothing about how to
+    # rank real blocks (Atlas distils over retrieved passages alone).
+    teacher = jax.nn.softmax(jax.lax.stop_gradient(per_cand[:, 1:]) / teacher_temperature,
+                             axis=-1)
+    log_student = jax.nn.log_softmax(student, axis=-1)[:, :retrieved]
     kl = jnp.sum(teacher * (jnp.log(jnp.maximum(teacher, 1e-30)) - log_student), axis=-1)
     retriever = jnp.mean(kl)
     return loss + retriever, {**aux, "retriever_loss": retriever}
