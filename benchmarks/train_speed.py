@@ -166,7 +166,7 @@ def flops(config) -> dict[str, float]:
     cfg = defaults.model_config(config)
     b = cfg.bert
     h, v = b.hidden_size, b.vocab_size
-    d = cfg.proj_size or h
+    d = cfg.embedding_dim
 
     def body(seqs: int, length: int) -> float:
         per_token = b.num_layers * (2 * (4 * h * h + 2 * h * b.intermediate_size)
@@ -272,7 +272,7 @@ def build_index(config, workdir: str, corpus, mode: str) -> str:
     else:
         cfg = defaults.model_config(config)
         rng = np.random.default_rng(0)
-        table = rng.standard_normal((len(corpus), cfg.proj_size or cfg.bert.hidden_size))
+        table = rng.standard_normal((len(corpus), cfg.embedding_dim))
         table /= np.linalg.norm(table, axis=1, keepdims=True)
         publish_index(config, workdir, 0, table.astype(np.float32), corpus.fingerprint)
     print(f"  index ({mode}) of {len(corpus)} blocks: {time.perf_counter() - t0:.1f} s",

@@ -96,6 +96,11 @@ class RealmModelConfig:
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r}; accepted: {POOLINGS}")
 
+    @property
+    def embedding_dim(self) -> int:
+        """d of the retriever's vectors: the projection's size, or BERT's width without one."""
+        return self.proj_size or self.bert.hidden_size
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -45,7 +45,7 @@ def retrieval_scale(config: ml_collections.ConfigDict) -> float:
 
     cfg = defaults.model_config(config)
     r = config.get("realm", {})  # resolved configs written before the section existed lack it
-    return score_scale(r.get("score_scale", "none"), cfg.proj_size or cfg.bert.hidden_size)
+    return score_scale(r.get("score_scale", "none"), cfg.embedding_dim)
 
 
 def retrieve_host_rows(runner: EmbedRunner, params: PyTree, searcher: Searcher, ids: np.ndarray,

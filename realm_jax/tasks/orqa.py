@@ -104,11 +104,11 @@ class Orqa(Task):
         """With the frozen table of `num_blocks` rows (at least the searcher beam), stored
         in `retrieval.table_dtype`."""
         rows = mips.padded_rows(max(num_blocks, self.searcher_beam), self.mesh, self.rules)
-        d = self.cfg.proj_size or self.cfg.bert.hidden_size
         dtype = mips.table_dtype(self.config.retrieval.table_dtype)
         return {**super().abstract_inputs(batch_size),
                 "block_table": jax.ShapeDtypeStruct(
-                    (rows, d), dtype, sharding=mips.table_sharding(self.mesh, self.rules))}
+                    (rows, self.cfg.embedding_dim), dtype,
+                    sharding=mips.table_sharding(self.mesh, self.rules))}
 
     def input_shapes(self, batch_size: int):
         """Assumes at least `searcher_beam_size` blocks (`prepare` clips S to the index)."""

@@ -22,7 +22,7 @@ def task_with_random_index(config: Any, mesh: Any, index_dir: str, seed: int = 0
     tok, corpus = load_tokenizer(config), load_corpus(config)
     task = make_task(config, mesh, corpus, tokenize_corpus(corpus, tok), tok)
     params, _ = initialize.init_towers(defaults.model_config(config), task.towers, mesh)
-    d = config.model.proj_size or config.model.bert.hidden_size
+    d = defaults.model_config(config).embedding_dim
     table = np.random.default_rng(seed).normal(size=(len(corpus), d)).astype(np.float32)
     version = store.IndexVersion(0, table, {}, epath.Path(index_dir))
     return task, params, Searcher(version, "exact", mips.ExactIndex.build(table, mesh), mesh)
