@@ -57,16 +57,22 @@ def _case(seed=0, b=3, k=4, m=5, v=7):
     return logits, labels, weights, retrieval
 
 
+def _np_per_candidate(logits, labels, weights):
+    """[B, K]: each candidate's mean log-likelihood of the masked tokens (the pdist teacher's
+    logits), in float64."""
+    logp = np_log_softmax(logits.astype(np.float64))  # [B, K, M, V]
+    tok = np.take_along_axis(logp, np.broadcast_to(labels[:, None, :, None],
+                                                   logp.shape[:-1] + (1,)), -1)[..., 0]
+    return (tok * weights[:, None]).sum(-1) / weights.sum(-1, keepdims=True)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_pdist_loss_and_retriever_gradient_match_numpy(temperature):
     logits, labels, weights, retrieval = _case()
     loss, aux = realm_loss(logits, labels, weights, retrieval, retriever_loss="pdist",
                            teacher_temperature=temperature)
     # numpy: teacher = softmax over candidates of the mean masked-token log-likelihood / T.
-    logp = np_log_softmax(logits.astype(np.float64))  # [B, K, M, V]
-    tok = np.take_along_axis(logp, np.broadcast_to(labels[:, None, :, None],
-                                                   logp.shape[:-1] + (1,)), -1)[..., 0]
-    per_cand = (tok * weights[:, None]).sum(-1) / weights.sum(-1, keepdims=True)  # [B, K]
+    per_cand = _np_per_candidate(logits, labels, weights)  # [B, K]
     # Over the retrieved candidates only: column 0, the null document, is left out.
     teacher = np.exp(np_log_softmax(per_cand[:, 1:] / temperature))
     student = np_log_softmax(retrieval[:, 1:].astype(np.float64))
@@ -143,10 +149,7 @@ def test_inbatch_negatives_join_the_retriever_softmax_only(kind):
     full = np_log_softmax(np.concatenate([retrieval[:, 1:], neg], -1).astype(np.float64))
     own = full[:, :3]
     if kind == "pdist":
-        logp = np_log_softmax(logits.astype(np.float64))
-        tok = np.take_along_axis(logp, np.broadcast_to(labels[:, None, :, None],
-                                                       logp.shape[:-1] + (1,)), -1)[..., 0]
-        per_cand = (tok * weights[:, None]).sum(-1) / weights.sum(-1, keepdims=True)
+        per_cand = _np_per_candidate(logits, labels, weights)
         teacher = np.exp(np_log_softmax(per_cand[:, 1:]))
         want = (teacher * (np.log(teacher) - own)).sum(-1).mean()
     else:
