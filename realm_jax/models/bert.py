@@ -147,7 +147,7 @@ class SelfAttention(nn.Module):
         probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
         # Heads-major product, then a transpose: XLA:CPU runs "bnqk,bknd->bnqd" as one batched
         # matmul, while asking for "bqnd" directly costs 2.5-3.4x as much (32 x 288 tokens,
-        # MiniLM's 12 heads; benchmarks/README "Attention layout"), with the same result.
+        # MiniLM's 12 heads; benchmarks/README "Attention layout"), equal up to rounding.
         ctx = jnp.einsum("bnqk,bknd->bnqd", probs, v).transpose(0, 2, 1, 3)  # [B, Lq, N, D]
         ctx = nn.with_logical_constraint(ctx, ACT_HEADS)
         return dense(c.hidden_size, ("heads", "kv", "embed"), c, axis=(-2, -1), name="output")(ctx)
