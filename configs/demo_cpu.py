@@ -164,9 +164,10 @@ def _reading_steps(c, stage: str) -> None:
     and rate but only its own 3 candidates (all blocks of one person), fresh recall@5 of the
     questions fell 0.99 → 0.25 in 20 steps; at 0.3× the rate and frozen for 10 it held, but
     recall@1 moved only 0.17 → 0.19 in 30. With the negatives: 0.17 → 0.27 in 20 steps,
-    recall@5 0.99 kept. Three seeds (`benchmarks/realm_learning.py --starts reading`): after
-    60 REALM steps recall@1 0.413 [0.240, 0.500] vs ICT's 0.167, ORQA EM 0.480 [0.293,
-    0.567] vs ICT alone's 0.267 and MiniLM's 0.407."""
+    recall@5 0.99 kept. Three seeds, each with its own warm start
+    (`benchmarks/realm_learning.py --starts reading`): after 60 REALM steps recall@1 0.500
+    [0.307, 0.553] vs ICT's 0.167 (0.447 never refreshed), ORQA EM 0.567 [0.267, 0.580] vs
+    ICT alone's 0.267 and MiniLM's 0.407 (0.500 never refreshed)."""
     if stage == "mlm":
         c.train.update(lr=1e-3, steps=300, warmup_steps=20, checkpoint_every=300)
     elif stage in ("", "pretrain", "norefresh"):
