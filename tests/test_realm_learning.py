@@ -336,7 +336,8 @@ def test_realm_config_keys_reach_the_loss(eight_devices):
         make_task(tiny(**{"realm.inbatch_negatives": True}), mesh, None, None, None)
 
 
-def test_benchmark_summarizes_seeds_into_medians_and_ranges(monkeypatch):
+def _benchmark(monkeypatch):
+    """benchmarks/realm_learning.py as a module."""
     import importlib.util
 
     benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -346,6 +347,33 @@ def test_benchmark_summarizes_seeds_into_medians_and_ranges(monkeypatch):
     spec = importlib.util.spec_from_file_location("realm_learning_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_realm_steps_lengthen_both_realm_arms_only(monkeypatch, tmp_path):
+    bench = _benchmark(monkeypatch)
+    steps = {}
+
+    def fake_run(pipeline, arms):  # what each stage would train for, nothing trained
+        for stage in ("", "norefresh", "mlm", "ict", "orqa"):
+            c = pipeline.cfg(stage)
+            steps[stage] = (c.train.steps, c.refresh.mode, c.refresh.every_steps)
+        return {arm: {"em": 0.0} for arm in arms}
+
+    monkeypatch.setattr(bench.stages.Pipeline, "run", fake_run)
+    default = {}
+    bench.run(str(tmp_path / "a"), ["reading"], [0], ["refresh", "norefresh"], "sync", {})
+    default.update(steps)
+    bench.run(str(tmp_path / "b"), ["reading"], [0], ["refresh", "norefresh"], "sync", {},
+              realm_steps=default[""][0] + 7)
+    assert steps[""] == (default[""][0] + 7, "sync", 10)
+    assert steps["norefresh"] == (default[""][0] + 7, "sync", 0)  # still never refreshed
+    for stage in ("mlm", "ict", "orqa"):
+        assert steps[stage] == default[stage]
+
+
+def test_benchmark_summarizes_seeds_into_medians_and_ranges(monkeypatch):
+    bench = _benchmark(monkeypatch)
 
     def arm(r1: float, em: float) -> dict:
         return {"em": em, "answer_recall@2": 0.9, "recall_start": 0.7, "recall_before": 0.9,
