@@ -4,6 +4,7 @@ Run (needs the `bench` extra: `pip install -e ".[bench]"`):
 
     python benchmarks/refresh_speed.py                      # 50k dictionary blocks, ~15 min
     python benchmarks/refresh_speed.py --blocks 5000 --sample 1000   # a quick look
+    python benchmarks/refresh_speed.py --padding-only       # what padding costs, no timing
 
 Corpus: GCIDE, the GNU Collaborative International Dictionary of English, as Debian's
 `dict-gcide` ships it (`apt-get download dict-gcide`, fetched into --cache if no --deb is given):
@@ -55,6 +56,7 @@ from bench_utils import cpu_busy_elsewhere, cpu_model  # noqa: E402
 
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _DICT = "usr/share/dictd/gcide"
+PADDING_BUCKETS = [1, 4, 8, 16, 32, 64]  # bucket counts of the padding table
 
 
 def _b64(s: str) -> int:
@@ -140,9 +142,8 @@ def ours(blocks: list[dict[str, str]], block_len: int, batch: int, buckets: int,
     table = embedding.block_runner(config, mesh).embed_blocks(params["embedder"], tokenized,
                                                                console=True)
     t2 = time.perf_counter()
-    lengths = tokenized.encode(np.arange(len(blocks)), block_len).lengths
     return {"table": table, "tokenize_s": t1 - t0, "embed_s": t2 - t1,
-            "blocks_per_s": len(blocks) / (t2 - t1), "lengths": lengths, "config": config}
+            "blocks_per_s": len(blocks) / (t2 - t1), "config": config}
 
 
 def sentence_transformers(blocks: list[dict[str, str]], block_len: int, batch: int) -> dict:
@@ -162,6 +163,35 @@ def sentence_transformers(blocks: list[dict[str, str]], block_len: int, batch: i
     return {"table": table, "embed_s": dt, "blocks_per_s": len(blocks) / dt}
 
 
+def padding(config: Any, lengths: np.ndarray, buckets: list[int]) -> dict[str, dict]:
+    """What padding costs under each bucket count, computed, not timed: the runner's own
+    batching (`EmbedRunner.batches`, per window of BLOCK_WINDOW batches as `embed_blocks`
+    does) over the corpus' wordpiece `lengths` [N] → padded wordpieces per block, the shapes
+    compiled, and forward FLOPs relative to no padding at all (dense layers per token, plus
+    attention per query-key pair). Why: it bounds what any padding scheme, bucketing or
+    packing, can still gain at today's per-token speed."""
+    from realm_jax import defaults, embedding, sharding
+
+    bert = defaults.model_config(config).bert
+    dense = 2 * bert.num_layers * (4 * bert.hidden_size ** 2
+                                   + 2 * bert.hidden_size * bert.intermediate_size)
+    pair = 2 * bert.num_layers * 2 * bert.hidden_size  # q·k and p·v, per query-key pair
+    ideal = float(np.sum(lengths * dense + lengths.astype(np.float64) ** 2 * pair))
+    config = config.copy_and_resolve_references()  # the caller's keeps its bucket count
+    mesh = sharding.make_mesh(dict(config.mesh))
+    rows = {}
+    for b in buckets:
+        config.data.length_buckets = b
+        runner = embedding.block_runner(config, mesh)
+        window = runner.batch_size * embedding.BLOCK_WINDOW
+        calls = [(size, length) for start in range(0, len(lengths), window)
+                 for _, size, length in runner.batches(lengths[start:start + window])]
+        flops = sum(size * (length * dense + length ** 2 * pair) for size, length in calls)
+        rows[str(b)] = {"padded_per_block": sum(s * n for s, n in calls) / len(lengths),
+                        "shapes": len(set(calls)), "flops_vs_unpadded": flops / ideal}
+    return rows
+
+
 def publish(config: Any, table: np.ndarray, engine: str) -> float:
     from realm_jax.retrieval.refresher import publish_index
 
@@ -178,8 +208,35 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.median((a * b).sum(1)))
 
 
+def corpus_lengths(blocks: list[dict[str, str]], block_len: int, batch: int
+                   ) -> tuple[np.ndarray, Any]:
+    """Wordpieces per block as our runner reads them, and the benchmark's config."""
+    from mips import minilm_config
+
+    from realm_jax.data.joins import TokenizedBlocks
+    from realm_jax.data.loaders import load_tokenizer
+
+    config = minilm_config(block_len, batch)
+    tok = load_tokenizer(config)
+    tokenized = TokenizedBlocks.from_lists(tok.tokenize([b["title"] for b in blocks]),
+                                           tok.tokenize([b["text"] for b in blocks]), tok)
+    return tokenized.encode(np.arange(len(blocks)), block_len).lengths, config
+
+
+def padding_table(rows: dict[str, dict]) -> str:
+    lines = [f"{'buckets':>8} {'padded wp/block':>16} {'shapes':>7} {'FLOPs vs unpadded':>18}"]
+    lines += [f"{b:>8} {r['padded_per_block']:>16.2f} {r['shapes']:>7} "
+              f"{r['flops_vs_unpadded']:>17.3f}x" for b, r in rows.items()]
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> dict:
     blocks = gcide_blocks(args.deb or gcide_deb(args.cache), args.blocks)
+    lengths, config = corpus_lengths(blocks, args.block_len, args.batch)
+    pad = padding(config, lengths, PADDING_BUCKETS)
+    if args.padding_only:
+        return {"corpus": {"blocks": len(blocks), "wordpieces_mean": float(lengths.mean())},
+                "padding": pad}
     busy = cpu_busy_elsewhere()
     rows: dict[str, dict] = {}
     st = sentence_transformers(blocks, args.block_len, args.batch)
@@ -190,7 +247,7 @@ def run(args: argparse.Namespace) -> dict:
         r = ours(subset, args.block_len, args.batch, b)
         rows[f"ours, buckets {b}"] = _ours_row(r, len(subset), st)
         if b > 1 and table is None:
-            table, lengths, config = r["table"], r["lengths"], r["config"]
+            table, config = r["table"], r["config"]
     b = args.buckets[-1]
     if args.batch_tokens:
         r = ours(blocks, args.block_len, args.batch, b, args.batch_tokens)
@@ -204,6 +261,7 @@ def run(args: argparse.Namespace) -> dict:
                "sentence-transformers": _timing(sentence_transformers(kb_blocks, args.block_len,
                                                                       args.batch))}
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "cpu_busy_elsewhere": busy,
+            "padding": pad,
             "corpus": {"name": "GCIDE (Debian dict-gcide)", "blocks": len(blocks),
                        "block_len": args.block_len,
                        "wordpieces_mean": float(lengths.mean()),
@@ -240,7 +298,7 @@ def table(result: dict) -> str:
     lines.append(f"generated KB ({kb['blocks']} blocks): ours {kb['ours']['blocks_per_s']:.1f} "
                  f"blocks/s, sentence-transformers "
                  f"{kb['sentence-transformers']['blocks_per_s']:.1f}")
-    return "\n".join(lines)
+    return "\n".join([*lines, padding_table(result["padding"])])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,9 +318,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deb", default="", help="a dict-gcide .deb (else apt-get download)")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "realm_bench"))
     parser.add_argument("--out", default="benchmarks/results/refresh_speed.json")
+    parser.add_argument("--padding-only", action="store_true",
+                        help="only the padding table (no model runs): padded wordpieces and "
+                             "FLOPs per bucket count, from the corpus' lengths")
     args = bench_utils.parse_args(parser, argv)
     result = run(args)
-    print(table(result))
+    print(padding_table(result["padding"]) if args.padding_only else table(result))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

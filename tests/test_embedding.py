@@ -180,3 +180,30 @@ def test_bad_sizes_are_refused(setup):
         runner(config, mesh, 0)
     with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
         runner(config, mesh, 4, batch_size=0)
+
+
+def test_refresh_benchmark_padding_table_follows_the_runner(monkeypatch):
+    """benchmarks/refresh_speed.py's padding table (what bucketing leaves to gain) counts the
+    calls the runner really makes: two lengths that are bucket boundaries pad nothing."""
+    import importlib.util
+    import os
+
+    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "benchmarks")
+    monkeypatch.syspath_prepend(benchmarks)
+    spec = importlib.util.spec_from_file_location(
+        "refresh_speed_bench", os.path.join(benchmarks, "refresh_speed.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from mips import minilm_config
+
+    config = minilm_config(64, 128)
+    lengths = np.array([8] * 128 + [64] * 128 + [30] * 100)
+    rows = bench.padding(config, lengths, [1, 8])
+    assert rows["1"]["shapes"] == 1  # the last call's 100 rows are padded to 128 too
+    assert rows["1"]["padded_per_block"] == pytest.approx(3 * 128 * 64 / len(lengths))
+    eight = rows["8"]
+    assert eight["shapes"] == 3  # 64; 32 (the 30s and 28 of the 8s); 8 (100 rows → 128)
+    assert eight["padded_per_block"] == pytest.approx(128 * (64 + 32 + 8) / len(lengths))
+    assert 1.0 < eight["flops_vs_unpadded"] < rows["1"]["flops_vs_unpadded"]
+    assert config.data.length_buckets == defaults.base_config().data.length_buckets
