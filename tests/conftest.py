@@ -34,3 +34,23 @@ def eight_devices():
         "or set XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax is imported"
     )
     return devices
+
+
+@pytest.fixture
+def benchmark_module(monkeypatch):
+    """`benchmark_module("refresh_speed")` → benchmarks/refresh_speed.py as a module, with
+    benchmarks/ on sys.path as when it runs as a script (bench_utils, mips beside it)."""
+    import importlib.util
+
+    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "benchmarks")
+    monkeypatch.syspath_prepend(benchmarks)
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(
+            f"{name}_bench", os.path.join(benchmarks, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

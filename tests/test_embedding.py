@@ -182,19 +182,11 @@ def test_bad_sizes_are_refused(setup):
         runner(config, mesh, 4, batch_size=0)
 
 
-def test_refresh_benchmark_padding_table_follows_the_runner(monkeypatch):
+def test_refresh_benchmark_padding_table_follows_the_runner(benchmark_module):
     """benchmarks/refresh_speed.py's padding table (what bucketing leaves to gain) counts the
-    calls the runner really makes: two lengths that are bucket boundaries pad nothing."""
-    import importlib.util
-    import os
-
-    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "benchmarks")
-    monkeypatch.syspath_prepend(benchmarks)
-    spec = importlib.util.spec_from_file_location(
-        "refresh_speed_bench", os.path.join(benchmarks, "refresh_speed.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    calls the runner really makes: rows sorted, each call padded to its longest row's bucket
+    and to a full batch."""
+    bench = benchmark_module("refresh_speed")
     from mips import minilm_config
 
     config = minilm_config(64, 128)

@@ -336,22 +336,9 @@ def test_realm_config_keys_reach_the_loss(eight_devices):
         make_task(tiny(**{"realm.inbatch_negatives": True}), mesh, None, None, None)
 
 
-def _benchmark(monkeypatch):
-    """benchmarks/realm_learning.py as a module."""
-    import importlib.util
-
-    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "benchmarks")
-    monkeypatch.syspath_prepend(benchmarks)  # as when run as a script: bench_utils beside it
-    path = os.path.join(benchmarks, "realm_learning.py")
-    spec = importlib.util.spec_from_file_location("realm_learning_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_benchmark_realm_steps_lengthen_both_realm_arms_only(monkeypatch, tmp_path):
-    bench = _benchmark(monkeypatch)
+def test_benchmark_realm_steps_lengthen_both_realm_arms_only(benchmark_module, monkeypatch,
+                                                             tmp_path):
+    bench = benchmark_module("realm_learning")
     steps = {}
 
     def fake_run(pipeline, arms):  # what each stage would train for, nothing trained
@@ -372,8 +359,8 @@ def test_benchmark_realm_steps_lengthen_both_realm_arms_only(monkeypatch, tmp_pa
         assert steps[stage] == default[stage]
 
 
-def test_benchmark_summarizes_seeds_into_medians_and_ranges(monkeypatch):
-    bench = _benchmark(monkeypatch)
+def test_benchmark_summarizes_seeds_into_medians_and_ranges(benchmark_module):
+    bench = benchmark_module("realm_learning")
 
     def arm(r1: float, em: float) -> dict:
         return {"em": em, "answer_recall@2": 0.9, "recall_start": 0.7, "recall_before": 0.9,
