@@ -7,7 +7,7 @@ not run again, so an interrupted benchmark resumes):
     python benchmarks/realm_learning.py --starts scratch --seeds 0 1 2         # paper in mini
     python benchmarks/realm_learning.py --starts minilm --seeds 0 --arms none refresh
     python benchmarks/realm_learning.py --starts reading --seeds 0 1 2         # paper's recipe
-    python benchmarks/realm_learning.py --starts reading --seeds 0 --realm-steps 120  # longer
+    python benchmarks/realm_learning.py --starts reading --seeds 0 --realm-steps 60   # shorter
 
 Starts (configs/demo_cpu.py):
   minilm   MiniLM as the retriever; the encoder MLM-warm-started from MiniLM (the demo);
