@@ -101,8 +101,7 @@ def run(out: str, starts: list[str], seeds: list[int], arms: list[str], refresh:
                 "demo_cpu", os.path.join(out, start, f"seed{seed}"),
                 start="" if start == "minilm" else start, seed=seed, overrides=overrides,
                 stage_overrides={"": realm_stage, "norefresh": steps}, train_retriever=True,
-                progress=False,
-                reader=READERS[start])
+                progress=False, reader=READERS[start])
             per_arm = pipeline.run(tuple(arms))
             per_arm["ict"] = {}
             for k, suffix in ((5, ""), (1, "_at_1")):

@@ -170,10 +170,10 @@ def _reading_steps(c, stage: str) -> None:
     ICT alone's 0.267 and MiniLM's 0.407 (0.500 never refreshed).
 
     Why 120 REALM steps, not 60: every seed was still learning at 60, and run to 120 each
-    ends far higher (README "120 REALM steps"): recall@1 0.847 / 0.753 / 0.647 for seeds
-    0 / 1 / 2 (0.500 / 0.553 / 0.307 at 60), ORQA EM 0.627 / 0.620 / 0.480 (0.567 / 0.580 /
-    0.267); the stale index falls further behind (seeds 0, 1: recall@1 0.533, 0.673). The
-    cost is ~17 more minutes of REALM per arm here."""
+    ends far higher (README "120 REALM steps"): recall@1 0.847 / 0.753 / 0.700 for seeds
+    0 / 1 / 2 (0.500 / 0.553 / 0.307 at 60), ORQA EM 0.627 / 0.620 / 0.647 (0.567 / 0.580 /
+    0.267), and the never-refreshed index falls further behind (recall@1 0.533 / 0.673 /
+    0.620). An arm of 120 steps took 11–13 minutes here, 6–7 more than 60."""
     if stage == "mlm":
         c.train.update(lr=1e-3, steps=300, warmup_steps=20, checkpoint_every=300)
     elif stage in ("", "pretrain", "norefresh"):

@@ -72,8 +72,8 @@ def run(workdir: epath.PathLike = "runs/demo", ablation: bool = False,
     """`full`: the config's MiniLM stages (what benchmarks/realm_learning.py measures, ~14
     minutes on AVX-512 cores) instead of its `quick` ones (the 15-minute budget on AVX2).
     `reading`: the config's `reading` start, the paper's recipe with which REALM teaches the
-    retriever (README "REALM that teaches the retriever"; ~40 minutes on AVX-512 cores, ~28
-    before its REALM stage went from 60 to 120 steps)."""
+    retriever (README "REALM that teaches the retriever"; ~35 minutes on AVX-512 cores
+    estimated, ~28 measured before its REALM stage went from 60 to 120 steps)."""
     t0 = time.time()
     root = epath.Path(workdir)
     # ORQA's reader is MiniLM's encoder with the pre-trained retriever (README "REALM that
