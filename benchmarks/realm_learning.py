@@ -94,9 +94,11 @@ def run(out: str, starts: list[str], seeds: list[int], arms: list[str], refresh:
     for start in starts:
         for seed in seeds:
             t0 = time.time()
-            realm_stage = {"refresh.mode": "sync", **steps} if refresh == "sync" else dict(steps)
-            if refresh == "sync" and REFRESH_EVERY[start]:
-                realm_stage["refresh.every_steps"] = REFRESH_EVERY[start]
+            realm_stage = dict(steps)
+            if refresh == "sync":
+                realm_stage["refresh.mode"] = "sync"
+                if REFRESH_EVERY[start]:
+                    realm_stage["refresh.every_steps"] = REFRESH_EVERY[start]
             pipeline = stages.Pipeline(
                 "demo_cpu", os.path.join(out, start, f"seed{seed}"),
                 start="" if start == "minilm" else start, seed=seed, overrides=overrides,

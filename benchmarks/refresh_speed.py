@@ -118,12 +118,19 @@ def generated_kb_blocks(n: int, block_len: int) -> list[dict[str, str]]:
             for i in range(min(n, len(corpus)))]
 
 
+def tokenize_blocks(blocks: list[dict[str, str]], tok: Any) -> Any:
+    """Blocks → `TokenizedBlocks` (title and text), as the refresher reads them."""
+    from realm_jax.data.joins import TokenizedBlocks
+
+    return TokenizedBlocks.from_lists(tok.tokenize([b["title"] for b in blocks]),
+                                      tok.tokenize([b["text"] for b in blocks]), tok)
+
+
 def ours(blocks: list[dict[str, str]], block_len: int, batch: int, buckets: int,
          batch_tokens: int = 0, dtype: str = "float32") -> dict:
     from mips import minilm_config
 
     from realm_jax import embedding, initialize, sharding
-    from realm_jax.data.joins import TokenizedBlocks
     from realm_jax.data.loaders import load_tokenizer
 
     config = minilm_config(block_len, batch)
@@ -135,8 +142,7 @@ def ours(blocks: list[dict[str, str]], block_len: int, batch: int, buckets: int,
     params, _ = initialize.initial_params(config, ["embedder"], mesh)
     tok = load_tokenizer(config)
     t0 = time.perf_counter()
-    tokenized = TokenizedBlocks.from_lists(tok.tokenize([b["title"] for b in blocks]),
-                                           tok.tokenize([b["text"] for b in blocks]), tok)
+    tokenized = tokenize_blocks(blocks, tok)
     t1 = time.perf_counter()
     embedding._embed_fn.cache_clear()  # compile included, as a refresher pays it
     table = embedding.block_runner(config, mesh).embed_blocks(params["embedder"], tokenized,
@@ -213,13 +219,10 @@ def corpus_lengths(blocks: list[dict[str, str]], block_len: int, batch: int
     """Wordpieces per block as our runner reads them, and the benchmark's config."""
     from mips import minilm_config
 
-    from realm_jax.data.joins import TokenizedBlocks
     from realm_jax.data.loaders import load_tokenizer
 
     config = minilm_config(block_len, batch)
-    tok = load_tokenizer(config)
-    tokenized = TokenizedBlocks.from_lists(tok.tokenize([b["title"] for b in blocks]),
-                                           tok.tokenize([b["text"] for b in blocks]), tok)
+    tokenized = tokenize_blocks(blocks, load_tokenizer(config))
     return tokenized.encode(np.arange(len(blocks)), block_len).lengths, config
 
 

@@ -17,10 +17,10 @@ _want="$(cat setup.cfg pyproject.toml | sha1sum | cut -d' ' -f1)"
 if [ ! -f "$_stamp" ] || [ "$(cat "$_stamp")" != "$_want" ]; then
   # The test install fills ~2.3 GB (torch, jax, TFDS); pip running out of space half-way
   # leaves a broken .venv and an OSError that names no remedy, so say it before starting.
-  _need_kb=$(( ${REALM_INSTALL_FREE_GB:-3} * 1024 * 1024 ))
+  _need_gb="${REALM_INSTALL_FREE_GB:-3}"
   _free_kb="$(df -Pk .venv | awk 'NR==2 {print $4}')"
-  if [ -n "$_free_kb" ] && [ "$_free_kb" -lt "$_need_kb" ]; then
-    echo "[realm_jax] error: installing needs ~${REALM_INSTALL_FREE_GB:-3} GB free beside" \
+  if [ -n "$_free_kb" ] && [ "$_free_kb" -lt $(( _need_gb * 1024 * 1024 )) ]; then
+    echo "[realm_jax] error: installing needs ~${_need_gb} GB free beside" \
       ".venv, only $(( _free_kb / 1024 )) MB is (df -h $_root); free some or set" \
       "REALM_INSTALL_FREE_GB" >&2
     exit 1
