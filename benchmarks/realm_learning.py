@@ -8,6 +8,7 @@ not run again, so an interrupted benchmark resumes):
     python benchmarks/realm_learning.py --starts minilm --seeds 0 --arms none refresh
     python benchmarks/realm_learning.py --starts reading --seeds 0 1 2         # paper's recipe
     python benchmarks/realm_learning.py --starts reading --seeds 0 --realm-steps 60   # shorter
+    python benchmarks/realm_learning.py --starts reading --seeds 0 --orqa-steps 80    # longer QA
 
 Starts (configs/demo_cpu.py):
   minilm   MiniLM as the retriever; the encoder MLM-warm-started from MiniLM (the demo);
@@ -85,12 +86,19 @@ def _flatten(arm_result: dict) -> dict[str, float]:
     }
 
 
+def _steps(n: int) -> dict[str, int]:
+    """A stage's length override (0: the config's; train.py checkpoints the last step)."""
+    return {"train.steps": n} if n else {}
+
+
 def run(out: str, starts: list[str], seeds: list[int], arms: list[str], refresh: str,
-        overrides: dict, realm_steps: int = 0) -> dict:
+        overrides: dict, realm_steps: int = 0, orqa_steps: int = 0) -> dict:
     results: dict = {"cpu": cpu_model(), "arms": arms, "seeds": seeds, "refresh": refresh,
-                     "overrides": overrides, "realm_steps": realm_steps or None, "runs": {}}
-    # Both REALM arms' length (0: the config's); the warm starts and ORQA keep theirs.
-    steps = {"train.steps": realm_steps} if realm_steps else {}
+                     "overrides": overrides, "realm_steps": realm_steps or None,
+                     "orqa_steps": orqa_steps or None, "runs": {}}
+    # Both REALM arms' length and every arm's ORQA length (0: the config's); the warm starts
+    # keep theirs.
+    steps = _steps(realm_steps)
     for start in starts:
         for seed in seeds:
             t0 = time.time()
@@ -102,7 +110,8 @@ def run(out: str, starts: list[str], seeds: list[int], arms: list[str], refresh:
             pipeline = stages.Pipeline(
                 "demo_cpu", os.path.join(out, start, f"seed{seed}"),
                 start="" if start == "minilm" else start, seed=seed, overrides=overrides,
-                stage_overrides={"": realm_stage, "norefresh": steps}, train_retriever=True,
+                stage_overrides={"": realm_stage, "norefresh": steps,
+                                 "orqa": _steps(orqa_steps)}, train_retriever=True,
                 progress=False, reader=READERS[start])
             per_arm = pipeline.run(tuple(arms))
             per_arm["ict"] = {}
@@ -221,16 +230,19 @@ def main() -> None:
                         help="config overrides for every stage, e.g. train.batch_size=8")
     parser.add_argument("--realm-steps", type=int, default=0,
                         help="REALM pre-training steps of both arms (0: the config's)")
+    parser.add_argument("--orqa-steps", type=int, default=0,
+                        help="ORQA fine-tuning steps of every arm (0: the config's)")
     args = bench_utils.parse_args(parser)
     logging.basicConfig(level=logging.WARNING)
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf\"" else value
-    if args.realm_steps < 0:
-        parser.error(f"--realm-steps={args.realm_steps} must be >= 0")
+    for flag in ("realm_steps", "orqa_steps"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 0")
     results = run(args.out, args.starts, args.seeds, args.arms, args.refresh, overrides,
-                  args.realm_steps)
+                  args.realm_steps, args.orqa_steps)
     print(table(results))
     plot(results, os.path.join(args.out, "realm_learning.png"))
     print(f"\nwrote {args.out}/realm_learning.json and realm_learning.png")

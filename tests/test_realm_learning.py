@@ -336,8 +336,8 @@ def test_realm_config_keys_reach_the_loss(eight_devices):
         make_task(tiny(**{"realm.inbatch_negatives": True}), mesh, None, None, None)
 
 
-def test_benchmark_realm_steps_lengthen_both_realm_arms_only(benchmark_module, monkeypatch,
-                                                             tmp_path):
+def test_benchmark_realm_and_orqa_steps_lengthen_their_stages_only(benchmark_module,
+                                                                   monkeypatch, tmp_path):
     bench = benchmark_module("realm_learning")
     steps = {}
 
@@ -356,6 +356,12 @@ def test_benchmark_realm_steps_lengthen_both_realm_arms_only(benchmark_module, m
     assert steps[""] == (default[""][0] + 7, "sync", 10)
     assert steps["norefresh"] == (default[""][0] + 7, "sync", 0)  # still never refreshed
     for stage in ("mlm", "ict", "orqa"):
+        assert steps[stage] == default[stage]
+    # --orqa-steps: every arm's ORQA, nothing else.
+    bench.run(str(tmp_path / "c"), ["reading"], [0], ["refresh", "norefresh"], "sync", {},
+              orqa_steps=default["orqa"][0] + 5)
+    assert steps["orqa"][0] == default["orqa"][0] + 5
+    for stage in ("", "norefresh", "mlm", "ict"):
         assert steps[stage] == default[stage]
 
 
