@@ -157,7 +157,9 @@ def table(results: dict) -> str:
             return "–"
         return f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
 
-    lines = [f"CPU: {results['cpu']}; seeds {results['seeds']}; median [min, max]", "",
+    lengths = "".join(f"{name} {results[key]} steps; " for key, name in
+                      (("realm_steps", "REALM"), ("orqa_steps", "ORQA")) if results.get(key))
+    lines = [f"CPU: {results['cpu']}; seeds {results['seeds']}; {lengths}median [min, max]", "",
              "| start | arm | fresh recall@5: start → after ICT → after REALM | "
              "fresh recall@1: the same | held-out utility first → last | gold block's gain "
              "(nats/token), teacher ranks it first: before → after REALM | ORQA dev EM | "

@@ -389,3 +389,6 @@ def test_benchmark_summarizes_seeds_into_medians_and_ranges(benchmark_module):
     assert s["gold_gain_after"] == {"median": 0.04, "min": 0.03, "max": 0.05, "n": 3}
     assert "0.400 [0.300, 0.500]" in text and "ICT alone" in text
     assert "0.040 [0.030, 0.050]" in text
+    assert "steps" not in text.splitlines()[0]  # the configs' lengths: not named
+    results["orqa_steps"] = 80
+    assert "; ORQA 80 steps; " in bench.table(results).splitlines()[0]
