@@ -62,6 +62,9 @@ METRICS = (*MEASURED, "utility_first", "utility_last", "em", "answer_recall")
 # ORQA's reader per start (stages.Pipeline.reader): MiniLM's own encoder reads better than one
 # warm-started on a CPU budget; the scratch start's own encoder is random, so REALM's.
 READERS = {"minilm": "start", "reading": "start", "scratch": "realm"}
+# The stage-length flags (--realm-steps, --orqa-steps) as `run` and its results name them,
+# and the stage each sets.
+LENGTHS = {"realm_steps": "REALM", "orqa_steps": "ORQA"}
 # Sync refreshes every N REALM steps (None: the config's refresh.every_steps).
 REFRESH_EVERY = {"minilm": 20, "reading": 10, "scratch": None}
 
@@ -157,8 +160,8 @@ def table(results: dict) -> str:
             return "–"
         return f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
 
-    lengths = "".join(f"{name} {results[key]} steps; " for key, name in
-                      (("realm_steps", "REALM"), ("orqa_steps", "ORQA")) if results.get(key))
+    lengths = "".join(f"{stage} {results[key]} steps; " for key, stage in LENGTHS.items()
+                      if results.get(key))
     lines = [f"CPU: {results['cpu']}; seeds {results['seeds']}; {lengths}median [min, max]", "",
              "| start | arm | fresh recall@5: start → after ICT → after REALM | "
              "fresh recall@1: the same | held-out utility first → last | gold block's gain "
@@ -240,7 +243,7 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf\"" else value
-    for flag in ("realm_steps", "orqa_steps"):
+    for flag in LENGTHS:
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be >= 0")
     results = run(args.out, args.starts, args.seeds, args.arms, args.refresh, overrides,
