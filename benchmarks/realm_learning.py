@@ -9,11 +9,14 @@ not run again, so an interrupted benchmark resumes):
     python benchmarks/realm_learning.py --starts reading --seeds 0 1 2         # paper's recipe
     python benchmarks/realm_learning.py --starts reading --seeds 0 --realm-steps 60   # shorter
     python benchmarks/realm_learning.py --starts reading --seeds 0 --orqa-steps 80    # longer QA
+    python benchmarks/realm_learning.py --starts small --seeds 0 1 2 --orqa-steps 80  # 2 layers
 
 Starts (configs/demo_cpu.py):
   minilm   MiniLM as the retriever; the encoder MLM-warm-started from MiniLM (the demo);
   reading  the same with the paper's recipe: an encoder that reads (300 reading steps), ORQA's
            ICT (sentence removed), REALM by distillation with in-batch negatives;
+  small    the reading recipe from MiniLM's first 2 layers: a small BERT that brings reading
+           from pre-training, as the paper's BERT-base does, with a weaker ICT retriever;
   scratch  a 2-layer, 128-wide BERT: encoder MLM-trained on the corpus, retriever ICT-trained,
            from random init (the paper's setting in miniature).
 Arms, each followed by the same ORQA fine-tuning:
@@ -23,8 +26,9 @@ Arms, each followed by the same ORQA fine-tuning:
              trainer for cores; `subprocess`: the demo's asynchronous refresher);
   norefresh  REALM pre-training with the index never refreshed (the staleness ablation).
 
-ORQA's reader: MiniLM's own encoder for the minilm and reading starts (with the arm's
-retriever), REALM's encoder for the scratch start (`READERS`, `stages.Pipeline.reader`).
+ORQA's reader: MiniLM's own encoder for the minilm, reading and small starts (its first 2
+layers for small; with the arm's retriever), REALM's encoder for the scratch start (`READERS`,
+`stages.Pipeline.reader`).
 
 Reported per start and arm, median and range over seeds: gold-block recall@5 and @1 (a person
 has ~5 blocks: @5 saturates once the retriever finds the person, @1 asks for the block with the
@@ -61,12 +65,12 @@ MEASURED = ("recall_start", "recall_before", "recall_after", "recall_at_1_start"
 METRICS = (*MEASURED, "utility_first", "utility_last", "em", "answer_recall")
 # ORQA's reader per start (stages.Pipeline.reader): MiniLM's own encoder reads better than one
 # warm-started on a CPU budget; the scratch start's own encoder is random, so REALM's.
-READERS = {"minilm": "start", "reading": "start", "scratch": "realm"}
+READERS = {"minilm": "start", "reading": "start", "small": "start", "scratch": "realm"}
 # The stage-length flags (--realm-steps, --orqa-steps) as `run` and its results name them,
 # and the stage each sets.
 LENGTHS = {"realm_steps": "REALM", "orqa_steps": "ORQA"}
 # Sync refreshes every N REALM steps (None: the config's refresh.every_steps).
-REFRESH_EVERY = {"minilm": 20, "reading": 10, "scratch": None}
+REFRESH_EVERY = {"minilm": 20, "reading": 10, "small": 10, "scratch": None}
 
 
 def _summary(values: list[float]) -> dict[str, float]:

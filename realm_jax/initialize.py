@@ -73,6 +73,9 @@ def _graft(target: PyTree, source: Mapping[str, Any], where: str) -> PyTree:
     for key, value in source.items():
         if key in target:
             out[key] = _graft(target[key], value, f"{where}/{key}")
+    # Said, not silent: a shallower config (MiniLM's first 2 layers) drops the other layers.
+    if extra := sorted(set(source) - set(target)):
+        log.info("pretrained %s: %s not loaded (the model has no place for them)", where, extra)
     return out
 
 

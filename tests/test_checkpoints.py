@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -211,3 +212,22 @@ def test_model_config_round_trip_and_unknown_keys():
     old = {**cfg.to_dict(), "reader_beam_size": 5, "searcher_beam_size": 5000,
            "num_candidates": 8}
     assert RealmModelConfig.from_dict(old) == cfg
+
+
+def test_a_shallower_config_takes_minilm_s_first_layers(minilm, caplog):
+    """configs/demo_cpu.py's `small` start: a 2-layer model initialised from MiniLM gets its
+    embeddings and first two layers unchanged, and says which layers it did not load."""
+    from realm_jax import initialize, sharding, stages
+
+    _, pretrained = minilm
+    config = stages.load("demo_cpu", "small,mlm")
+    assert config.model.bert.num_layers == 2 and config.init.path == "minilm"
+    with caplog.at_level("INFO"):
+        params, _ = initialize.initial_params(
+            config, ("encoder",), sharding.make_mesh(dict(data=-1, fsdp=1, model=1)))
+    ours, theirs = params["encoder"]["bert"], pretrained["bert"]
+    assert sorted(k for k in ours if k.startswith("layer_")) == ["layer_0", "layer_1"]
+    for key in ("embeddings", "layer_0", "layer_1"):
+        for a, b in zip(jax.tree.leaves(ours[key]), jax.tree.leaves(theirs[key]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    assert "layer_2" in caplog.text and "layer_5" in caplog.text

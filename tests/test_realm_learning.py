@@ -365,6 +365,28 @@ def test_benchmark_realm_and_orqa_steps_lengthen_their_stages_only(benchmark_mod
         assert steps[stage] == default[stage]
 
 
+def test_benchmark_every_start_builds_every_stage(benchmark_module, monkeypatch, tmp_path):
+    """Each start `--starts` accepts is one of configs/demo_cpu.py's, with a refresh interval;
+    `small`'s towers are 2 layers of MiniLM in every stage, the reader's (ORQA) included."""
+    bench = benchmark_module("realm_learning")
+    assert set(bench.REFRESH_EVERY) == set(bench.READERS)
+    layers = {}
+
+    def fake_run(pipeline, arms):
+        for stage in ("", "norefresh", "mlm", "ict", "orqa"):
+            c = pipeline.cfg(stage)
+            layers[pipeline.start, stage] = (c.model.bert.get("preset"),
+                                             defaults.model_config(c).bert.num_layers)
+        return {arm: {"em": 0.0} for arm in arms}
+
+    monkeypatch.setattr(bench.stages.Pipeline, "run", fake_run)
+    bench.run(str(tmp_path), sorted(bench.READERS), [0], ["refresh"], "sync", {})
+    assert {s for s, _ in layers} == {"" if s == "minilm" else s for s in bench.READERS}
+    for stage in ("", "norefresh", "mlm", "ict", "orqa"):
+        assert layers["small", stage] == ("minilm_l6_h384", 2)
+        assert layers["reading", stage] == ("minilm_l6_h384", 6)
+
+
 def test_benchmark_summarizes_seeds_into_medians_and_ranges(benchmark_module):
     bench = benchmark_module("realm_learning")
 
