@@ -11,6 +11,7 @@ version LATEST ever named must load and validate.
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -95,3 +96,56 @@ def test_kill_9_never_leaves_a_torn_index(tmp_path, eight_devices):
     assert store.load_latest(tmp_path).step == TRIALS
     assert len(seen) >= 3, f"too few versions published to test anything: {sorted(seen)}"
     assert len(set(seen.values())) == 1  # every version indexes the same corpus
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_refresher_whose_trainer_is_gone_exits_at_once(tmp_path):
+    """`--parent_pid` names the trainer; a refresher started after it died refuses to run."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "realm_jax.refresh", "--config", "configs/tiny.py", "--workdir",
+         str(tmp_path), "--parent_pid", str(os.getpid() + 10_000_000)],  # never our pid
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "that started this refresher is gone" in proc.stderr
+    assert not (tmp_path / store.INDEX_DIR).exists()  # nothing embedded for a dead run
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_the_refresher_dies_with_its_trainer_killed_by_signal_9(tmp_path):
+    """refresh.mode=subprocess: kill -9 the trainer, and its refresher stops too, rather than
+    embedding checkpoints for a run that is gone."""
+    log = tmp_path / "train.log"
+    work = tmp_path / "run"
+    with log.open("w") as out:
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "realm_jax.train", "--config", "configs/tiny.py",
+             "--workdir", str(work), "--config.refresh.mode=subprocess",
+             "--config.train.steps=100000", "--config.refresh.wait_timeout_s=600"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not (found := re.search(r"refresher started \(pid (\d+)\)", log.read_text())):
+            assert trainer.poll() is None, log.read_text()[-2000:]
+            assert time.time() < deadline, "no refresher started within 300 s"
+            time.sleep(0.2)
+        child = int(found.group(1))
+        assert _alive(child)
+    finally:
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+    deadline = time.time() + 60
+    while _alive(child):
+        if time.time() > deadline:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail(f"refresher pid {child} outlived its trainer by 60 s")
+        time.sleep(0.2)

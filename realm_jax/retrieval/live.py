@@ -25,6 +25,7 @@ from the primary only (`Refresher.refresh_with`). `subprocess` mode is single-ma
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -42,18 +43,6 @@ from realm_jax.retrieval.watcher import IndexWatcher
 
 log = logging.getLogger(__name__)
 MODES = ("subprocess", "external", "sync", "frozen", "none")
-
-
-def _die_with_parent() -> None:
-    """In the child: ask Linux to SIGTERM it when the trainer dies, even by kill -9, so no
-    orphaned refresher keeps embedding for a dead run."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the trainer's close() still stops it
-        pass
 
 
 class LiveIndex:
@@ -269,14 +258,15 @@ class LiveIndex:
         return self.workdir / "refresher.log"
 
     def _spawn(self) -> None:
+        # --parent_pid: the child asks to die with this trainer (`refresh.die_with`).
         cmd = [sys.executable, "-m", "realm_jax.refresh", "--resolved_config",
-               str(self.workdir / "config.json"), "--workdir", str(self.workdir)]
+               str(self.workdir / "config.json"), "--workdir", str(self.workdir),
+               "--parent_pid", str(os.getpid())]
         if self._log_file is None:
             self._log_file = self._log_path.open("a")
         self._log_file.write(f"--- {time.strftime('%H:%M:%S')} starting: {' '.join(cmd)}\n")
         self._log_file.flush()
-        self._child = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                       preexec_fn=_die_with_parent)
+        self._child = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT)
         log.info("refresher started (pid %d), log: %s", self._child.pid, self._log_path)
 
     def _supervise(self) -> None:
