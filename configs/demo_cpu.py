@@ -220,7 +220,11 @@ def _small(c) -> None:
     (encoder, retriever, ORQA's reader) from them, then the `reading` recipe. The 2-layer,
     128-wide BERT from random init ("scratch,") never learned to read on a CPU budget (README
     "the paper's setting in miniature"); this start asks whether REALM teaches the retriever
-    when the encoder can learn to read and the ICT retriever is weaker than MiniLM-L6's."""
+    when the encoder can learn to read and the ICT retriever is weaker than MiniLM-L6's.
+
+    Measured (README "a small BERT that reads", seeds 0 and 1): the encoder reads and REALM
+    raises held-out utility (0.2–1.0 → 1.5–1.7 nats/token) and fresh recall@5 (0.91 → 0.98),
+    but recall@1 of the questions falls (0.29–0.30 → 0.16–0.18) and ORQA EM does not rise."""
     c.model.bert.num_layers = 2
 
 
