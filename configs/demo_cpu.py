@@ -91,8 +91,6 @@ def get_config(arg: str | None = None):
     c.data.update(query_len=24, block_len=48, reader_len=80, max_masks=10)
     if start in ("minilm", "quick", "reading", "small"):
         c.model.bert = dict(preset="minilm_l6_h384")
-        if start == "small":
-            _small(c)
         c.model.update(pooling="mean", proj_size=0, normalize=False, span_hidden_size=128,
                        max_span_width=8)
         # The encoder comes from the mlm stage (init.path, set by the demo), the retriever
@@ -151,11 +149,8 @@ def get_config(arg: str | None = None):
         _quick_steps(c, stage)
     elif start in ("reading", "small"):
         _reading_steps(c, stage)
-        if start == "small" and stage == "mlm":
-            # 2 layers learn to read later than 6 (README "a small BERT"): at 300 steps the gold
-            # block gains the encoder -0.01 nats/token at REALM's start; 600 of 1,200: 1.25;
-            # 1,200: 1.70 (MiniLM-L6 after 300: 1.3).
-            c.train.update(steps=1200, checkpoint_every=1200)
+        if start == "small":
+            _small(c, stage)
     return c
 
 
@@ -214,7 +209,7 @@ def _quick_steps(c, stage: str) -> None:
         c.eval.update(every_steps=20, heldout_sentences=32)
 
 
-def _small(c) -> None:
+def _small(c, stage: str) -> None:
     """A small BERT that brings reading from pre-training, as the paper's BERT does: MiniLM's
     first 2 of 6 layers (384 wide; the checkpoint's other layers are not loaded), every tower
     (encoder, retriever, ORQA's reader) from them, then the `reading` recipe. The 2-layer,
@@ -226,6 +221,11 @@ def _small(c) -> None:
     raises held-out utility (0.2–1.0 → 1.5–1.7 nats/token) and fresh recall@5 (0.91 → 0.98),
     but recall@1 of the questions falls (0.29–0.30 → 0.16–0.18) and ORQA EM does not rise."""
     c.model.bert.num_layers = 2
+    if stage == "mlm":
+        # 2 layers learn to read later than 6 (README "a small BERT"): at 300 steps the gold
+        # block gains the encoder -0.01 nats/token at REALM's start; 600 of 1,200: 1.25;
+        # 1,200: 1.70 (MiniLM-L6 after 300: 1.3).
+        c.train.update(steps=1200, checkpoint_every=1200)
 
 
 def _scratch(c) -> None:

@@ -26,6 +26,7 @@ from realm_jax import defaults, initialize, run_checkpoints, sharding
 from realm_jax.retrieval import store
 
 TRIALS = 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_checkpoint(workdir, step, base):
@@ -96,9 +97,6 @@ def test_kill_9_never_leaves_a_torn_index(tmp_path, eight_devices):
     assert store.load_latest(tmp_path).step == TRIALS
     assert len(seen) >= 3, f"too few versions published to test anything: {sorted(seen)}"
     assert len(set(seen.values())) == 1  # every version indexes the same corpus
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_refresher_whose_trainer_is_gone_exits_at_once(tmp_path):
