@@ -33,8 +33,9 @@ layers for small; with the arm's retriever), REALM's encoder for the scratch sta
 Reported per start and arm, median and range over seeds: gold-block recall@5 and @1 (a person
 has ~5 blocks: @5 saturates once the retriever finds the person, @1 asks for the block with the
 fact) of held-out questions against a *fresh* index after pre-training (and before), held-out
-retrieval utility
-(last and its rise), ORQA dev EM and answer recall; the ICT stage alone: fresh
+retrieval utility (last and its rise), the same recall@1 of the held-out pre-training sentences
+(REALM's own queries: what it teaches the retriever, beside what carries over to questions),
+ORQA dev EM and answer recall; the ICT stage alone: fresh
 recall@5 of the untrained vs the ICT-trained embedder. Writes OUT/realm_learning.json and
 OUT/realm_learning.png (fresh recall@5, @1 and utility against step, every seed).
 """
@@ -61,7 +62,8 @@ from realm_jax import stages  # noqa: E402
 # As stages.Pipeline.measure names them; then the ones _flatten derives.
 MEASURED = ("recall_start", "recall_before", "recall_after", "recall_at_1_start",
             "recall_at_1_before", "recall_at_1_after", "gold_gain_before", "gold_gain_after",
-            "teacher_gold_first_before", "teacher_gold_first_after")
+            "teacher_gold_first_before", "teacher_gold_first_after",
+            "fresh_gold_recall_at_1_before", "fresh_gold_recall_at_1_after")
 METRICS = (*MEASURED, "utility_first", "utility_last", "em", "answer_recall")
 # ORQA's reader per start (stages.Pipeline.reader): MiniLM's own encoder reads better than one
 # warm-started on a CPU budget; the scratch start's own encoder is random, so REALM's.
@@ -169,9 +171,9 @@ def table(results: dict) -> str:
     lines = [f"CPU: {results['cpu']}; seeds {results['seeds']}; {lengths}median [min, max]", "",
              "| start | arm | fresh recall@5: start → after ICT → after REALM | "
              "fresh recall@1: the same | held-out utility first → last | gold block's gain "
-             "(nats/token), teacher ranks it first: before → after REALM | ORQA dev EM | "
-             "answer recall |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(nats/token), teacher ranks it first: before → after REALM | held-out "
+             "sentences' fresh recall@1: before → after REALM | ORQA dev EM | answer recall |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for start, arms in results["summary"].items():
         for arm in results["arms"]:
             s = arms[arm]
@@ -182,14 +184,16 @@ def table(results: dict) -> str:
                          f"{cell(s['utility_first'])} → "
                          f"{cell(s['utility_last'])} | {cell(s['gold_gain_before'])} → "
                          f"{cell(s['gold_gain_after'])}; {cell(s['teacher_gold_first_before'])}"
-                         f" → {cell(s['teacher_gold_first_after'])} | {cell(s['em'])} | "
+                         f" → {cell(s['teacher_gold_first_after'])} | "
+                         f"{cell(s['fresh_gold_recall_at_1_before'])} → "
+                         f"{cell(s['fresh_gold_recall_at_1_after'])} | {cell(s['em'])} | "
                          f"{cell(s['answer_recall'])} |")
         if "ict" in arms:
             ict = arms["ict"]
             lines.append(f"| {start} | ICT alone: fresh recall untrained → trained | "
                          f"{cell(ict['recall_untrained'])} → {cell(ict['recall_trained'])} | "
                          f"{cell(ict['recall_at_1_untrained'])} → "
-                         f"{cell(ict['recall_at_1_trained'])} | | | | |")
+                         f"{cell(ict['recall_at_1_trained'])} | | | | | |")
     return "\n".join(lines)
 
 

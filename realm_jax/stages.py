@@ -195,8 +195,9 @@ class Pipeline:
             out[f"{prefix}_start"] = ends(ict)[0] if ict else before
             out[f"{prefix}_before"] = before
             out[f"{prefix}_after"] = after
-        # Whether the encoder reads (RealmMlm.evaluate): the pdist teacher's worth.
-        for key in ("gold_gain", "teacher_gold_first"):
+        # Whether the encoder reads (RealmMlm.evaluate): the pdist teacher's worth; and the
+        # retriever on REALM's own queries (held-out sentences), beside the questions.
+        for key in ("gold_gain", "teacher_gold_first", "fresh_gold_recall_at_1"):
             out[f"{key}_before"], out[f"{key}_after"] = ends(history(realm, f"heldout_{key}"))
         out.update(
             fresh_recall_curve=fresh[5],

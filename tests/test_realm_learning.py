@@ -234,7 +234,8 @@ def test_fresh_recall_heldout_utility_and_reading_equal_direct_computation(tmp_p
     final = result.evals[-1]
     assert {"gold_recall_at_5", "fresh_gold_recall_at_5", "gold_recall_at_1",
             "fresh_gold_recall_at_1", "heldout_retrieval_utility",
-            "heldout_mlm_accuracy"} <= set(final)
+            "heldout_mlm_accuracy", "heldout_fresh_gold_recall_at_1",
+            "heldout_fresh_gold_recall_at_5"} <= set(final)
     params = result.params
     mesh = sharding.make_mesh(dict(config.mesh))
     tok = load_tokenizer(config)
@@ -268,11 +269,15 @@ def test_fresh_recall_heldout_utility_and_reading_equal_direct_computation(tmp_p
         return np.take_along_axis(logp, np.broadcast_to(
             x["mlm_labels"][:, None, :, None], logp.shape[:-1] + (1,)), -1)[..., 0]
 
-    utilities, gains, firsts, matched_gold = [], [], [], []
+    utilities, gains, firsts, matched_gold, sentence_rank = [], [], [], [], []
     for batch in task._heldout_batches:
         x, _ = task.prepare(batch, params, live.searcher)
         emb = lambda ids, mask, types: np.asarray(Embedder(cfg).apply(  # noqa: E731
             {"params": params["embedder"]}, ids, mask, types), np.float64)
+        # Held-out sentences' fresh recall: the masked query against every block now.
+        scores = emb(batch["query_ids"], batch["query_mask"], batch["query_types"]) @ table.T
+        order = np.argsort(-scores, axis=1, kind="stable")
+        sentence_rank.extend((order == batch["gold_blocks"][:, None]).argmax(-1))
         qe = emb(x["query_ids"], x["query_mask"], x["query_types"])
         ze = emb(x["cand_ids"], x["cand_mask"], x["cand_types"])
         log_pz = np_log_softmax(np.einsum("bd,bkd->bk", qe, ze) * 16 ** -0.5)
@@ -303,6 +308,9 @@ def test_fresh_recall_heldout_utility_and_reading_equal_direct_computation(tmp_p
     assert final["heldout_retrieval_utility"] == pytest.approx(np.mean(utilities), abs=1e-4)
     assert final["heldout_gold_gain"] == pytest.approx(np.mean(gains), abs=1e-4)
     assert final["heldout_teacher_gold_first"] == pytest.approx(np.mean(firsts))
+    for k in (1, 5):
+        assert final[f"heldout_fresh_gold_recall_at_{k}"] == pytest.approx(
+            np.mean(np.array(sentence_rank) < k)), k
     assert any(matched_gold)  # the gold block holds the masked fact: something to match
 
 
@@ -395,7 +403,8 @@ def test_benchmark_summarizes_seeds_into_medians_and_ranges(benchmark_module):
                 "recall_after": 0.95, "recall_at_1_start": 0.2, "recall_at_1_before": 0.25,
                 "recall_at_1_after": r1, "utility_curve": [[0, -0.1], [30, 0.2]],
                 "gold_gain_before": 0.01, "gold_gain_after": r1 / 10,
-                "teacher_gold_first_before": 0.33, "teacher_gold_first_after": 0.5}
+                "teacher_gold_first_before": 0.33, "teacher_gold_first_after": 0.5,
+                "fresh_gold_recall_at_1_before": 0.2, "fresh_gold_recall_at_1_after": r1 + 0.25}
 
     ict = {"recall_untrained": 0.7, "recall_trained": 0.9, "recall_at_1_untrained": 0.2,
            "recall_at_1_trained": 0.25}
@@ -411,6 +420,8 @@ def test_benchmark_summarizes_seeds_into_medians_and_ranges(benchmark_module):
     assert s["gold_gain_after"] == {"median": 0.04, "min": 0.03, "max": 0.05, "n": 3}
     assert "0.400 [0.300, 0.500]" in text and "ICT alone" in text
     assert "0.040 [0.030, 0.050]" in text
+    assert s["fresh_gold_recall_at_1_after"]["median"] == pytest.approx(0.65)
+    assert "0.650 [0.550, 0.750]" in text  # the held-out sentences' recall@1 after REALM
     assert "steps" not in text.splitlines()[0]  # the configs' lengths: not named
     results["orqa_steps"] = 80
     assert "; ORQA 80 steps; " in bench.table(results).splitlines()[0]

@@ -170,9 +170,13 @@ class GoldRecall:
 
     def fresh(self, query_params: PyTree, block_params: PyTree) -> dict[int, float]:
         """`against` an exact index of every block embedded with `block_params` now."""
+        return self.against(query_params, self.fresh_searcher(block_params))
+
+    def fresh_searcher(self, block_params: PyTree) -> Searcher:
+        """An exact index of every block embedded with `block_params` now (`fresh_searcher`),
+        with the block runner compiled once per task."""
         t = self.task
-        searcher = fresh_searcher(t.config, t.mesh, block_params, t.blocks, self._embedder)
-        return self.against(query_params, searcher)
+        return fresh_searcher(t.config, t.mesh, block_params, t.blocks, self._embedder)
 
     @functools.cached_property
     def _embedder(self) -> EmbedRunner:
