@@ -84,7 +84,7 @@ def get_config(arg: str | None = None):
     c = defaults.base_config()
     c.mesh = dict(data=-1, fsdp=1, model=1)
     c.data.corpus = "synthetic"
-    c.data.synthetic = dict(num_entities=300, seed=0, pretrain_splits=("train",))
+    c.data.synthetic.update(num_entities=300, seed=0, pretrain_splits=("train",))
     # max_masks 10: a fact's value is a made-up name of up to ~10 wordpieces; with 6, 17 % of
     # the pre-training sentences had no salient span that fit and masked a random span instead
     # (words like "into the", which no block helps to predict: noise for the retriever).

@@ -15,6 +15,7 @@ import ml_collections
 from etils import epath
 
 from realm_jax import sharding
+from realm_jax.data import synthetic
 from realm_jax.models.config import RealmModelConfig
 
 LENGTH_BUCKETS = 4  # data.length_buckets; also for configs saved before the key existed
@@ -56,8 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
         # holds its fingerprint). True: accept a changed corpus, keep the parameters, restart
         # the data position from the first batch and rebuild the index.
         allow_corpus_change=False,
-        # pretrain_splits: entities whose paraphrased facts pre-train (the rest stay held out).
-        synthetic=dict(num_entities=1000, seed=0, pretrain_splits=("train", "dev", "test")),
+        # pretrain_splits: entities whose paraphrased facts pre-train (the rest stay held out);
+        # pretrain_attributes: the facts they state (synthetic.PRETRAIN_ATTRIBUTES: all).
+        synthetic=dict(num_entities=1000, seed=0, pretrain_splits=("train", "dev", "test"),
+                       pretrain_attributes=synthetic.PRETRAIN_ATTRIBUTES),
         query_len=96, block_len=288, reader_len=320, max_masks=10,
         masking="salient",  # "salient" | "random_token" | "random_span"
         # Questions and blocks to embed are sorted by length and each batch padded to its

@@ -80,6 +80,35 @@ def test_pretraining_sentences_mask_the_fact(kb, data):
     assert 0 < len(train) < len(sents)
 
 
+def test_pretraining_sentences_of_chosen_facts(kb, data):
+    """data.synthetic.pretrain_attributes: only the named facts' sentences, each masking that
+    fact's value; a name that is no fact is refused, not silently empty."""
+    chosen = ("birthplace", "spouse")
+    sents = data.sentences(attributes=chosen)
+    chosen_values = {kb.attributes[e][k].lower() for e in range(N) for k in chosen}
+    assert len(sents) == N * len(chosen)  # one sentence per fact and entity
+    for i in range(len(sents)):
+        (a, b), = sents[i]["spans"]
+        assert sents[i]["text"][a:b].lower() in chosen_values
+    assert len(data.sentences(attributes=synthetic.PRETRAIN_ATTRIBUTES)) == len(kb.pretraining)
+    with pytest.raises(ValueError, match="occupaton"):
+        data.sentences(attributes=("occupaton",))
+
+
+def test_the_config_chooses_the_pretraining_facts():
+    """REALM's training sentences and its held-out ones both follow the config's choice."""
+    from realm_jax import defaults
+    from realm_jax.data import loaders
+
+    config = defaults.tiny_config()
+    everything = len(loaders.load_pretrain_sentences(config))
+    config.data.synthetic.pretrain_attributes = ("work",)
+    assert len(loaders.load_pretrain_sentences(config)) == everything // 7
+    held_out = loaders.synthetic_sentences(config, (config.eval.split,))
+    assert len(held_out) == sum(kb_split == config.eval.split for kb_split in
+                                loaders.load_synthetic(config).kb.splits)
+
+
 def test_jsonl_round_trip_through_tfds_builders(kb, data, tok, tmp_path):
     paths = kb.write_jsonl(tmp_path / "kb", tok, 64)
     vocab = checkpoints.minilm_path() / "vocab.txt"

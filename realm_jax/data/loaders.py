@@ -79,6 +79,15 @@ def load_corpus(config: ml_collections.ConfigDict, tokenizer: WordPiece | None =
     return BlockCorpus.load(spec, _tfds_data_dir(config))
 
 
+def synthetic_sentences(config: ml_collections.ConfigDict, splits: Sequence[str]
+                        ) -> Sentences:
+    """The generated KB's pre-training sentences of `splits`, of the facts
+    `data.synthetic.pretrain_attributes` names (None or absent: all)."""
+    attributes = config.data.synthetic.get("pretrain_attributes", None)
+    return load_synthetic(config).sentences(
+        tuple(splits), None if attributes is None else tuple(attributes))
+
+
 def load_pretrain_sentences(
     config: ml_collections.ConfigDict, corpus: BlockCorpus | None = None
 ) -> Sequence[dict[str, Any]]:
@@ -89,7 +98,7 @@ def load_pretrain_sentences(
             raise ValueError("config.data.sentences is empty: name a realm_sentences dataset, "
                              "a JSONL file, or 'corpus'")
         splits = tuple(config.data.synthetic.get("pretrain_splits", synthetic.SPLITS))
-        return load_synthetic(config).sentences(splits)
+        return synthetic_sentences(config, splits)
     if spec == "corpus":
         corpus = corpus or load_corpus(config)
         stats = ReadStats()

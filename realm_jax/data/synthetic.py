@@ -90,6 +90,8 @@ _PARAPHRASES = {
     "birth_year": ("{n} was born in {v}.", "{n}'s year of birth was {v}."),
     "occupation": ("{n} worked as {a}.", "By profession, {n} was {a}."),
 }
+# The facts pre-training sentences state (`SyntheticData.sentences`).
+PRETRAIN_ATTRIBUTES = tuple(_PARAPHRASES)
 _FILLER = (
     "{S} travelled widely in {pos} youth.", "{S} kept detailed notebooks throughout {pos} life.",
     "Little is known about {pos} early schooling.", "{S} corresponded often with {other}.",
@@ -218,12 +220,26 @@ class SyntheticData:
                  "gold_block": int(self.fact_blocks[q.fact])} for q in self.kb.questions_for(split)]
         return QaSet(rows, False, f"synthetic[{split}]")
 
-    def sentences(self, splits: Sequence[str] = SPLITS) -> Sentences:
-        """Pre-training examples (paraphrased facts) of entities in `splits`."""
+    def sentences(self, splits: Sequence[str] = SPLITS,
+                  attributes: Sequence[str] | None = None) -> Sentences:
+        """Pre-training examples (paraphrased facts) of entities in `splits`, of the facts in
+        `attributes` (None: all of `PRETRAIN_ATTRIBUTES`).
+
+        Why a choice of facts: the birth year and the occupation are stated in a page's first
+        block, so their sentences all send the retriever there; measured, a 2-layer retriever
+        then sends every question to its person's first block (README "a small BERT that
+        reads"), and leaving them out is the ablation that shows it."""
+        if attributes is None:
+            attributes = PRETRAIN_ATTRIBUTES
+        unknown = sorted(set(attributes) - set(PRETRAIN_ATTRIBUTES))
+        if unknown or not attributes:
+            raise ValueError(f"pre-training attributes {list(attributes)}: unknown {unknown} or "
+                             f"none; accepted: {list(PRETRAIN_ATTRIBUTES)}")
         return Sentences.from_records(
             {"text": p["text"], "spans": p["spans"], "block": -1,
              "gold_block": int(self.fact_blocks[p["fact"]])}
-            for p in self.kb.pretraining if p["split"] in splits)
+            for p in self.kb.pretraining
+            if p["split"] in splits and p["attribute"] in attributes)
 
 
 def _write(path: epath.Path, rows) -> None:
@@ -353,7 +369,7 @@ def generate(num_entities: int, seed: int = 0) -> KnowledgeBase:
             value = a[key]
             at = t.find(value) if t.find(value) >= 0 else t.lower().find(value.lower())
             pretraining.append({"text": t, "spans": [[at, at + len(value)]], "entity": e,
-                                "fact": fact_index[key], "split": split})
+                                "fact": fact_index[key], "attribute": key, "split": split})
     kb = KnowledgeBase(seed, people, [str(s) for s in split_of], attrs, docs, facts,
                        questions, pretraining)
     _check_unique_answers(kb)

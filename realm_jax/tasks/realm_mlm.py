@@ -259,7 +259,7 @@ class RealmMlm(Task):
         """This host's rows of fixed, masked held-out batches of `train.batch_size` rows:
         the first `eval.heldout_sentences` pre-training sentences of the eval split."""
         c = self.config
-        source = loaders.load_synthetic(c).sentences((c.eval.split,))
+        source = loaders.synthetic_sentences(c, (c.eval.split,))
         b = int(c.train.batch_size)
         n = min(len(source), int(c.eval.get("heldout_sentences", 128))) // b * b
         shard = mesh_shard(self.mesh, self.rules)
