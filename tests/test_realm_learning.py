@@ -425,3 +425,17 @@ def test_benchmark_summarizes_seeds_into_medians_and_ranges(benchmark_module):
     assert "steps" not in text.splitlines()[0]  # the configs' lengths: not named
     results["orqa_steps"] = 80
     assert "; ORQA 80 steps; " in bench.table(results).splitlines()[0]
+
+
+def test_retrieval_by_fact_counts_recall_and_first_blocks(benchmark_module):
+    """benchmarks/retrieval_by_fact.py's arithmetic on a hand-made search: two pages (blocks
+    0–2 and 3–4), three queries."""
+    bench = benchmark_module("retrieval_by_fact")
+    ids = np.array([[0, 1, 2, 3, 4], [3, 4, 0, 1, 2], [1, 0, 2, 3, 4]])
+    gold = np.array([0, 4, 1])  # found at ranks 0, 1, 0
+    r = bench.by_fact(ids, gold, ["a", "b", "a"], np.array([0, 0, 0, 3, 3]))
+    assert r["all"] == {"recall@1": pytest.approx(2 / 3), "recall@5": 1.0} and r["n"] == 3
+    assert r["a"] == {"recall@1": 1.0, "recall@5": 1.0}
+    assert r["b"] == {"recall@1": 0.0, "recall@5": 1.0}
+    assert r["top1_first_block"] == pytest.approx(2 / 3)  # blocks 0 and 3 are first blocks
+    assert r["gold_first_block"] == pytest.approx(1 / 3)
