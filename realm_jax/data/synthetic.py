@@ -227,8 +227,8 @@ class SyntheticData:
 
         Why a choice of facts: the birth year and the occupation are stated in a page's first
         block, so their sentences all send the retriever there; measured, a 2-layer retriever
-        then sends every question to its person's first block (README "a small BERT that
-        reads"), and leaving them out is the ablation that shows it."""
+        then sends 92 % of the questions to their person's first block (README "a small BERT
+        that reads"), and leaving them out is the ablation that shows it."""
         if attributes is None:
             attributes = PRETRAIN_ATTRIBUTES
         unknown = sorted(set(attributes) - set(PRETRAIN_ATTRIBUTES))

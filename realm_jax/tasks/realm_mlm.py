@@ -321,7 +321,6 @@ class RealmMlm(Task):
             out.update(heldout_gold_gain=gain / rows, heldout_teacher_gold_first=first / rows)
         return out
 
-
     def heldout_recall(self, params: PyTree, searcher: Searcher) -> dict[int, float]:
         """{k: gold-block recall@k} (`recall_ks`) of the held-out sentences (`evaluate`),
         queried as REALM queries them (masked), in `searcher`; the sums of every host's rows."""
